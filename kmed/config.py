@@ -92,7 +92,7 @@ class TrainCfg(_Frozen):
     # Ours (not in the seed): checkpoints, packing, guards.
     save_steps: int = Field(20, ge=1)
     save_total_limit: int = Field(3, ge=1)
-    packing: Literal["auto", True, False] = "auto"
+    packing: Literal["auto", "padding_free", "bfd", "none"] = "auto"
     nan_patience: int = Field(2, ge=1)
 
 

@@ -18,6 +18,9 @@ from kmed.io import StageError
 
 log = logging.getLogger(__name__)
 
+# model_max_length written into the base tokenizer; the training window is model.max_seq_length,
+# applied by the stages, so changing it does not rebuild the base.
+TOKENIZER_MAX_LEN = 32768
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 HUB_PATTERNS = [
     "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
@@ -135,7 +138,7 @@ def _save_gguf_base(gguf_path: Path, out: Path, cfg: ModelCfg) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    tok = tokenizer_from_gguf(gguf_path, cfg.max_seq_length)
+    tok = tokenizer_from_gguf(gguf_path, TOKENIZER_MAX_LEN)
     log.info("dequantizing %s into 16-bit safetensors", gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32

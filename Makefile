@@ -1,0 +1,32 @@
+# Two commands for a fresh machine (see README):  make repro   and   make test
+VENV   := .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export UNSLOTH_DISABLE_STATISTICS := 1
+
+.PHONY: setup repro test test-fast lint
+setup: $(VENV)/.installed
+
+# torch==2.13.0 first: on the CPU machines it is a local CPU build (an unpinned torch would pull GBs
+# of CUDA build); on a GPU box PyPI's 2.13.0 is the CUDA build. llama-cpp-python compiles once
+# (~7 min on 2 cores) and pip caches the wheel.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+repro: setup
+	dvc repro
+
+test: setup
+	python -m pytest -m "not gpu" -q -p no:cacheprovider
+
+test-fast: setup
+	python -m pytest -m "not gpu and not integration and not reliability" -q
+
+lint: setup
+	ruff check kmed stages tests bench

@@ -1,0 +1,1277 @@
+"""Reading, checking, rendering and splitting the SFT and eval data (the `preprocess` stage's core).
+
+Sources are declared per stage in params (`data.stage1.sources`, ...). Each is read into rows of its
+task's schema, normalised, scanned for Korean PII, de-duplicated, kept apart from the eval sets,
+split by a hash of its question, rendered into a prompt/completion pair and measured in tokens.
+Every bad input stops the stage with a StageError of one sentence naming the file, row and column.
+
+`render_prompt` and `render_completion` are the one definition of the training format; evaluate
+imports them so that what it asks the model is byte-for-byte what the model was trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import unicodedata
+import zipfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kmed.config import DataCfg, Params, SourceCfg, StageDataCfg
+from kmed.io import StageError, write_jsonl
+
+log = logging.getLogger(__name__)
+
+KO2EN_INSTRUCTION = "다음 한국어 문장을 영어로 번역하세요."
+EN2KO_INSTRUCTION = "Translate the following English sentence into Korean."
+
+# Schema field -> required? per task. `input` of instructions and option E of 4-option MCQs may be empty.
+SCHEMAS: dict[str, dict[str, bool]] = {
+    "reasoning": {"question": True, "cot": True, "answer": True},
+    "instruction": {"instruction": True, "input": False, "output": True},
+    "translation": {"ko": True, "en": True},
+    "mcq": {"question": True, "A": True, "B": True, "C": True, "D": True, "E": False, "answer": True},
+    "pairs": {"ko": True, "en": True},
+}
+TRAIN_TASKS = ("reasoning", "instruction", "translation")
+MCQ_LETTERS = ("A", "B", "C", "D", "E")
+FOLDER_GLOBS = {"jsonl": "*.jsonl", "csv": "*.csv", "xlsx": "*.xlsx", "parquet": "*.parquet"}
+# Above this ratio of uncompressed to compressed size an .xlsx is treated as a zip bomb.
+MAX_XLSX_RATIO = 100.0
+PROGRESS_MIN_ROWS = 20_000
+TOKENIZE_BATCH = 2048
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render_prompt(system: str, question: str) -> str:
+    """The masked part of a training example (no loss on it)."""
+    return f"### Instruction:\n{system}\n\n### Question:\n{question}\n\n### Response:\n"
+
+
+def render_completion(cot: str | None, answer: str, eos: str) -> str:
+    """The trained part: R1-style `<think>` block (when cot is not None), the answer and the EOS."""
+    return f"<think>\n{cot}\n</think>\n{answer}{eos}" if cot is not None else f"{answer}{eos}"
+
+
+# --------------------------------------------------------------------------- text helpers
+
+_HSPACE = re.compile(r"[^\S\n]+")
+_SPACE_BEFORE_NL = re.compile(r" +\n")
+_ALL_SPACE = re.compile(r"\s+")
+_HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
+
+
+def normalize_text(s: str) -> str:
+    """NFC, unified newlines, runs of spaces/tabs collapsed to one space, newlines kept, stripped."""
+    s = unicodedata.normalize("NFC", s)
+    if "\r" in s:
+        s = s.replace("\r\n", "\n").replace("\r", "\n")
+    s = _HSPACE.sub(" ", s)
+    if " \n" in s:
+        s = _SPACE_BEFORE_NL.sub("\n", s)
+    return s.strip()
+
+
+def match_key(s: str) -> str:
+    """Comparison key for overlap and split: normalised, case-folded, all whitespace as one space."""
+    return _ALL_SPACE.sub(" ", unicodedata.normalize("NFC", s)).strip().casefold()
+
+
+def detect_lang(text: str) -> str:
+    """'ko' when the text holds any Hangul, else 'en'."""
+    return "ko" if _HANGUL.search(text) else "en"
+
+
+def short_hash(*parts: str, n: int = 16) -> str:
+    return hashlib.sha1("\x1f".join(parts).encode("utf-8")).hexdigest()[:n]
+
+
+def _unit_hash(*parts: str) -> float:
+    """A deterministic number in [0, 1) from the parts."""
+    return int(hashlib.sha1("\x1f".join(parts).encode("utf-8")).hexdigest()[:15], 16) / 16**15
+
+
+def _q(names: Iterable[Any]) -> str:
+    return ", ".join(repr(str(n)) for n in names)
+
+
+# --------------------------------------------------------------------------- PII
+
+# Resident registration number YYMMDD-GNNNNNN (G = 1..8, hyphen optional); checksums are not relied
+# on (numbers issued since 2020 do not satisfy them). Phones: mobile 01X and landlines 02 / 0XX / 070.
+# Each pattern starts with a plain digit (then looks back: no digit, '.' or ',' before it) so the
+# regex engine can skip ahead to digits; a leading lookbehind made the scan 3x slower.
+_RRN = re.compile(r"\d(?<![\d.,]\d)\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])-?[1-8]\d{6}(?!\d)")
+_SEP = r"(?:\) ?|[-. ])?"
+_PHONE = re.compile(
+    r"0(?<![\d.,]0)(?:1[016789]|2|3[1-3]|4[1-4]|5[1-5]|6[1-4]|70)" + _SEP + r"\d{3,4}[-. ]?\d{4}(?!\d)"
+)
+PII_KINDS = {"rrn": "Korean resident registration number", "phone": "Korean phone number"}
+_DIGIT = re.compile(r"\d")
+
+
+def find_pii(text: str) -> str | None:
+    """The kind of the first PII found ('rrn' or 'phone'), or None."""
+    if _RRN.search(text):
+        return "rrn"
+    if _PHONE.search(text):
+        return "phone"
+    return None
+
+
+def mask_pii(text: str) -> tuple[str, Counter[str]]:
+    """Replace every digit of each RRN and phone number with '*'; return the text and counts by kind."""
+    counts: Counter[str] = Counter()
+    for kind, rx in (("rrn", _RRN), ("phone", _PHONE)):
+
+        def sub(m: re.Match[str], kind: str = kind) -> str:
+            counts[kind] += 1
+            return _DIGIT.sub("*", m.group(0))
+
+        text = rx.sub(sub, text)
+    return text, counts
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def resolve_source_files(src: SourceCfg, root: Path) -> list[Path]:
+    """The files a file-based source names (a file, a glob, or a folder), refused if outside `root`."""
+    assert src.path is not None
+    root = root.resolve()
+    raw = src.path
+    p = Path(raw)
+    if ".." in p.parts or (p.is_absolute() and not _inside(p.resolve(), root)):
+        raise StageError(
+            f"source {src.name!r}: path {raw!r} escapes the repository root {root}; refusing it."
+        )
+    rel = p.relative_to(root) if p.is_absolute() and _inside(p, root) else p
+    if any(ch in raw for ch in "*?["):
+        files = sorted(f for f in root.glob(str(rel)) if f.is_file())
+        if not files:
+            raise StageError(f"source {src.name!r}: the glob {raw!r} matches no files.")
+    else:
+        full = root / rel
+        if not _inside(full.resolve(), root):
+            raise StageError(
+                f"source {src.name!r}: {raw!r} resolves outside the repository root (to {full.resolve()}); refusing it."
+            )
+        if full.is_dir():
+            files = sorted(
+                f for f in full.glob(FOLDER_GLOBS[src.kind]) if f.is_file() and not f.name.startswith("~$")
+            )
+            if not files:
+                raise StageError(
+                    f"source {src.name!r}: folder {raw!r} holds no {FOLDER_GLOBS[src.kind]} files."
+                )
+        elif full.exists():
+            files = [full]
+        else:
+            raise StageError(f"source {src.name!r}: {raw!r} does not exist.")
+    for f in files:
+        if not _inside(f.resolve(), root):
+            raise StageError(
+                f"source {src.name!r}: {display(f, root)} resolves outside the repository root "
+                f"(to {f.resolve()}); refusing it."
+            )
+    return files
+
+
+def _inside(p: Path, root: Path) -> bool:
+    return p == root or p.is_relative_to(root)
+
+
+def display(p: Path, root: Path) -> str:
+    try:
+        return p.relative_to(root.resolve()).as_posix() if p.is_absolute() else p.as_posix()
+    except ValueError:
+        return str(p)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_bytes(data: bytes, label: str) -> str:
+    """UTF-8 (with or without BOM), else CP949/EUC-KR; never drops a byte silently."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        utf8_err = e
+    # A file that was valid UTF-8 Korean up to the bad byte is corrupt UTF-8, not CP949.
+    head = data[: utf8_err.start].decode("utf-8", errors="strict") if utf8_err.start else ""
+    if not _HANGUL.search(head):
+        try:
+            text = data.decode("cp949")
+            log.info("%s: decoded as CP949", label)
+            return text
+        except UnicodeDecodeError:
+            pass
+    raise StageError(
+        f"{label}: cannot decode the text as UTF-8 or CP949 (first bad byte 0x{data[utf8_err.start]:02x} at "
+        f"byte offset {utf8_err.start})."
+    )
+
+
+def _read_text(path: Path, label: str) -> str:
+    data = path.read_bytes()
+    if not data.strip():
+        raise StageError(f"{label}: the file is empty.")
+    return decode_bytes(data, label)
+
+
+def _cell_text(v: Any) -> str | None:
+    """A cell as text ('' for missing); None when the cell holds something that is not text-like."""
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        return str(int(v)) if v.is_integer() else repr(v)
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    try:  # numpy scalars
+        return _cell_text(v.item())
+    except AttributeError:
+        return None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(slots=True)
+class Row:
+    """One source row in its task's schema; `where unit n` locates it for error messages."""
+
+    source: str
+    task: str
+    where: str
+    unit: str
+    n: int
+    cols: dict[str, str]  # schema field -> source column
+    raw: tuple[str, ...]
+    values: dict[str, str] = field(default_factory=dict)
+
+    def loc(self) -> str:
+        return f"{self.where} {self.unit} {self.n}"
+
+
+@dataclass
+class _Raw:
+    where: str
+    unit: str
+    n: int
+    get: Any  # column -> value
+    cell: Any = None  # column -> spreadsheet cell name, for xlsx
+
+
+def _norm_header(h: Any) -> str:
+    return unicodedata.normalize("NFC", "" if h is None else str(h)).strip()
+
+
+def _missing_columns(
+    label: str, wanted: dict[str, str], required: dict[str, bool], found: Sequence[str]
+) -> None:
+    missing = [col for f, col in wanted.items() if required[f] and col not in found]
+    if missing:
+        word = "column" if len(missing) == 1 else "columns"
+        raise StageError(f"{label}: missing {word} {_q(missing)} (found: {_q(found) or 'none'}).")
+
+
+def _progress(it: Iterable[Any], total: int | None, desc: str) -> Iterable[Any]:
+    if total is not None and total < PROGRESS_MIN_ROWS:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total, desc=desc, unit="rows", mininterval=2.0)
+
+
+def _iter_jsonl(path: Path, label: str, wanted: dict[str, str], required: dict[str, bool]) -> Iterator[_Raw]:
+    text = _read_text(path, label)
+    lines = text.split("\n")  # not splitlines(): U+2028 may sit unescaped inside a JSON string
+    if lines and not lines[-1].strip():
+        lines.pop()
+    seen = False
+    for i, line in enumerate(_progress(lines, len(lines), f"read {label}"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StageError(f"{label} line {i}: malformed JSON ({e.msg} at column {e.colno}).") from None
+        if not isinstance(obj, dict):
+            raise StageError(f"{label} line {i}: expected a JSON object, got {type(obj).__name__}.")
+        _missing_columns(f"{label} line {i}", wanted, required, list(obj))
+        seen = True
+        yield _Raw(label, "line", i, obj.get)
+    if not seen:
+        raise StageError(f"{label}: the file is empty.")
+
+
+def _iter_table(
+    df: Any, label: str, wanted: dict[str, str], required: dict[str, bool], first_row: int, unit: str
+) -> Iterator[_Raw]:
+    df.columns = [_norm_header(c) for c in df.columns]
+    _missing_columns(label, wanted, required, list(df.columns))
+    if len(df) == 0:
+        raise StageError(f"{label}: has a header row but no data rows.")
+    cols = [c for c in dict.fromkeys(wanted.values()) if c in df.columns]
+    data = {c: df[c].tolist() for c in cols}
+    for i in _progress(range(len(df)), len(df), f"read {label}"):
+        vals = {c: data[c][i] for c in cols}
+        yield _Raw(label, unit, i + first_row, vals.get)
+
+
+def _iter_csv(path: Path, label: str, wanted: dict[str, str], required: dict[str, bool]) -> Iterator[_Raw]:
+    import pandas as pd
+
+    text = _read_text(path, label)
+    try:
+        df = pd.read_csv(
+            io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise StageError(f"{label}: malformed CSV ({str(e).strip().splitlines()[0].rstrip('.')}).") from None
+    # Row numbers count the header as row 1, as a spreadsheet shows them.
+    yield from _iter_table(df, label, wanted, required, first_row=2, unit="row")
+
+
+def _iter_parquet(
+    path: Path, label: str, wanted: dict[str, str], required: dict[str, bool]
+) -> Iterator[_Raw]:
+    import pandas as pd
+
+    if path.stat().st_size == 0:
+        raise StageError(f"{label}: the file is empty.")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise StageError(f"{label}: not a readable Parquet file ({type(e).__name__}).") from None
+    yield from _iter_table(df, label, wanted, required, first_row=1, unit="row")
+
+
+@functools.cache
+def ensure_defusedxml() -> None:
+    """openpyxl parses with defusedxml when it is installed; refuse to read Excel without it."""
+    import openpyxl.xml
+
+    if not getattr(openpyxl.xml, "DEFUSEDXML", False):
+        raise StageError(
+            "openpyxl is not using defusedxml (pip install defusedxml) so .xlsx files are refused."
+        )
+    log.info("openpyxl parses XML with defusedxml")
+
+
+def check_xlsx_safe(path: Path, label: str, max_mb: float) -> None:
+    """Refuse an .xlsx before parsing when its declared uncompressed size or ratio is too large.
+
+    Reads only the zip's central directory, so a bomb is refused without inflating it.
+    """
+    if path.stat().st_size == 0:
+        raise StageError(f"{label}: the file is empty.")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except zipfile.BadZipFile:
+        raise StageError(f"{label}: not a valid .xlsx file (it is not a zip archive).") from None
+    total = sum(i.file_size for i in infos)
+    packed = sum(i.compress_size for i in infos)
+    if total > max_mb * 2**20:
+        raise StageError(
+            f"{label}: uncompressed size {total / 2**20:.1f} MB exceeds data.max_xlsx_mb={max_mb:g}; refusing to open it."
+        )
+    ratio = total / max(packed, 1)
+    if total > 2**20 and ratio > MAX_XLSX_RATIO:
+        raise StageError(
+            f"{label}: compression ratio {ratio:.0f}:1 exceeds {MAX_XLSX_RATIO:.0f}:1 (a zip bomb?); refusing to open it."
+        )
+
+
+_FORMULA_TAG = re.compile(rb"<(?:\w+:)?f[\s>/]")
+
+
+def _has_formulas(path: Path) -> bool:
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if info.filename.startswith("xl/worksheets/") and info.filename.endswith(".xml"):
+                tail = b""
+                with zf.open(info) as fh:
+                    while chunk := fh.read(1 << 20):
+                        if _FORMULA_TAG.search(tail + chunk):
+                            return True
+                        tail = chunk[-16:]
+    return False
+
+
+def _pick_sheets(wb: Any, sheet: str | int | None, label: str) -> list[str]:
+    names = list(wb.sheetnames)
+    if sheet is None:
+        return names
+    if isinstance(sheet, int):
+        if not 0 <= sheet < len(names):
+            raise StageError(f"{label}: there is no sheet number {sheet} (sheets: {_q(names)}).")
+        return [names[sheet]]
+    if sheet not in names:
+        raise StageError(f"{label}: there is no sheet named {sheet!r} (sheets: {_q(names)}).")
+    return [sheet]
+
+
+def _iter_xlsx(
+    path: Path, label: str, wanted: dict[str, str], required: dict[str, bool], src: SourceCfg, max_mb: float
+) -> Iterator[_Raw]:
+    """All sheets (or the one named by `sheet`) concatenated, like the notebook's
+    `pd.concat(pd.read_excel(f, sheet_name=None, engine="openpyxl").values())`, read with openpyxl
+    directly so that errors can name the sheet, row and cell."""
+    import openpyxl
+    from openpyxl.utils import get_column_letter
+
+    check_xlsx_safe(path, label, max_mb)
+    ensure_defusedxml()
+    try:
+        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as e:  # corrupt workbook parts raise several types
+        raise StageError(f"{label}: not a readable .xlsx workbook ({type(e).__name__}).") from None
+    try:
+        sheets = _pick_sheets(wb, src.sheet, label)
+        formulas = _formula_cells(path, sheets, wanted) if _has_formulas(path) else {}
+        for name in sheets:
+            ws = wb[name]
+            ws.reset_dimensions()  # dimension tags written by other tools are often wrong
+            where = f"{label} sheet {name!r}"
+            rows = ws.iter_rows(values_only=True)
+            header: list[str] | None = None
+            n_data = 0
+            for r, values in enumerate(rows, 1):
+                if header is None:
+                    if values and any(v is not None and str(v).strip() for v in values):
+                        header = [_norm_header(v) for v in values]
+                        _missing_columns(where, wanted, required, [h for h in header if h])
+                        index = {h: j for j, h in reversed(list(enumerate(header)))}
+                        cols = {c: index[c] for c in wanted.values() if c in index}
+                    continue
+                vals = {c: values[j] if j < len(values) else None for c, j in cols.items()}
+                for c, j in cols.items():
+                    f = formulas.get((name, r, j))
+                    if f is not None and vals[c] is None:
+                        raise StageError(
+                            f"{where} cell {get_column_letter(j + 1)}{r}: formula {f!r} has no cached value "
+                            "(open and save the file in Excel, or paste values)."
+                        )
+                n_data += 1
+                yield _Raw(
+                    where,
+                    "row",
+                    r,
+                    vals.get,
+                    lambda c, r=r, cols=cols: f"{get_column_letter(cols[c] + 1)}{r}" if c in cols else None,
+                )
+            if header is None:
+                raise StageError(f"{where}: the sheet is empty.")
+            if n_data == 0:
+                raise StageError(f"{where}: has a header row but no data rows.")
+    finally:
+        wb.close()
+
+
+def _formula_cells(path: Path, sheets: list[str], wanted: dict[str, str]) -> dict[tuple[str, int, int], str]:
+    """(sheet, row, column index) -> formula text, for formula cells in the columns we read."""
+    import openpyxl
+
+    out: dict[tuple[str, int, int], str] = {}
+    wb = openpyxl.load_workbook(path, read_only=True, data_only=False)
+    try:
+        for name in sheets:
+            ws = wb[name]
+            ws.reset_dimensions()
+            cols: dict[int, str] | None = None
+            for r, values in enumerate(ws.iter_rows(values_only=True), 1):
+                if cols is None:
+                    if values and any(v is not None and str(v).strip() for v in values):
+                        header = [_norm_header(v) for v in values]
+                        cols = {j: h for j, h in enumerate(header) if h in wanted.values()}
+                    continue
+                for j in cols:
+                    v = values[j] if j < len(values) else None
+                    text = getattr(v, "text", v)  # ArrayFormula keeps its text in .text
+                    if isinstance(text, str) and text.startswith("="):
+                        out[(name, r, j)] = text
+    finally:
+        wb.close()
+    return out
+
+
+def _iter_hf(src: SourceCfg, root: Path, wanted: dict[str, str], required: dict[str, bool]) -> Iterator[_Raw]:
+    import datasets
+
+    label = f"{src.hub_id}@{src.revision} split {src.split!r}"
+    hub_id = src.hub_id or ""
+    local = Path(hub_id)
+    # A hub_id that names a local folder (a mirror, or a test fixture) is held to the same path rule.
+    if local.is_absolute() or ".." in local.parts or (root / local).exists():
+        if ".." in local.parts or not _inside((root / local).resolve(), root.resolve()):
+            raise StageError(
+                f"source {src.name!r}: hub_id {hub_id!r} is a path outside the repository root; refusing it."
+            )
+        hub_id = str((root / local).resolve())
+    try:
+        ds = datasets.load_dataset(hub_id, name=src.config, revision=src.revision, split=src.split)
+    except Exception as e:  # network, missing revision/config/split: one sentence
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StageError(f"source {src.name!r}: could not load {label} ({msg.rstrip('.')}).") from None
+    _missing_columns(label, wanted, required, list(ds.column_names))
+    if src.limit is not None:
+        ds = ds.select(range(min(src.limit, len(ds))))
+    if len(ds) == 0:
+        raise StageError(f"{label}: the split has no rows.")
+    cols = [c for c in dict.fromkeys(wanted.values()) if c in ds.column_names]
+    data = ds.select_columns(cols).to_dict()
+    for i in _progress(range(len(ds)), len(ds), f"read {src.name}"):
+        vals = {c: data[c][i] for c in cols}
+        yield _Raw(label, "row", i, vals.get)
+
+
+def source_fields(src: SourceCfg) -> dict[str, str]:
+    """Schema field -> source column (a field not mapped reads the column of its own name)."""
+    schema = SCHEMAS[src.task]
+    unknown = [f for f in src.fields if f not in schema]
+    if unknown:
+        raise StageError(
+            f"source {src.name!r}: fields names {_q(unknown)}, not in the {src.task} schema ({', '.join(schema)})."
+        )
+    return {f: unicodedata.normalize("NFC", src.fields.get(f, f)).strip() for f in schema}
+
+
+def read_source(src: SourceCfg, root: Path, max_xlsx_mb: float) -> tuple[list[Row], int]:
+    """Rows of a source in its schema (normalised text), and the number of blank rows skipped.
+
+    Applies `limit` (the first N rows read, blank ones included). Raises StageError on any contract
+    breach: missing columns, empty or undecodable files, empty required cells, formula cells without
+    a cached value.
+    """
+    wanted = source_fields(src)
+    required = SCHEMAS[src.task]
+    if src.kind == "hf":
+        raws: Iterable[_Raw] = _iter_hf(src, root, wanted, required)
+    else:
+        raws = _iter_files(src, root, wanted, required, max_xlsx_mb)
+    rows: list[Row] = []
+    blank = 0
+    n_read = 0
+    for raw in raws:
+        if src.limit is not None and n_read >= src.limit:
+            break
+        n_read += 1
+        texts: dict[str, str] = {}
+        for f, col in wanted.items():
+            t = _cell_text(raw.get(col))
+            if t is None:
+                where = f" (cell {raw.cell(col)})" if raw.cell else ""
+                raise StageError(
+                    f"{raw.where} {raw.unit} {raw.n}{where}: column {col!r} holds a {type(raw.get(col)).__name__}, not text."
+                )
+            texts[f] = t
+        values = {f: normalize_text(t) if t else "" for f, t in texts.items()}
+        if not any(values.values()):
+            blank += 1
+            continue
+        for f, req in required.items():
+            if req and not values[f]:
+                col = wanted[f]
+                where = f" (cell {raw.cell(col)})" if raw.cell else ""
+                raise StageError(f"{raw.where} {raw.unit} {raw.n}{where}: empty required column {col!r}.")
+        rows.append(
+            Row(src.name, src.task, raw.where, raw.unit, raw.n, wanted, (src.task, *texts.values()), values)
+        )
+    return rows, blank
+
+
+def _iter_files(
+    src: SourceCfg, root: Path, wanted: dict[str, str], required: dict[str, bool], max_xlsx_mb: float
+) -> Iterator[_Raw]:
+    for path in resolve_source_files(src, root):
+        label = display(path, root)
+        if src.kind == "jsonl":
+            yield from _iter_jsonl(path, label, wanted, required)
+        elif src.kind == "csv":
+            yield from _iter_csv(path, label, wanted, required)
+        elif src.kind == "parquet":
+            yield from _iter_parquet(path, label, wanted, required)
+        else:
+            yield from _iter_xlsx(path, label, wanted, required, src, max_xlsx_mb)
+
+
+# --------------------------------------------------------------------------- row checks
+
+
+def apply_pii(rows: list[Row], mode: str, counts: Counter[str]) -> None:
+    """Mask (counting by kind), fail on, or ignore RRNs and phone numbers in every field of `rows`."""
+    if mode == "off":
+        return
+    for row in rows:
+        for f, v in row.values.items():
+            if not v:
+                continue
+            if mode == "fail":
+                kind = find_pii(v)
+                if kind:
+                    raise StageError(
+                        f"{row.loc()}: column {row.cols[f]!r} contains a {PII_KINDS[kind]} (data.pii=fail)."
+                    )
+            else:
+                masked, c = mask_pii(v)
+                if c:
+                    row.values[f] = masked
+                    counts.update(c)
+
+
+def dedup(rows: list[Row]) -> tuple[list[Row], int, int]:
+    """Drop exact then normalised duplicates (first occurrence kept): rows, n_exact, n_normalised."""
+    seen_raw: set[tuple[str, ...]] = set()
+    seen_norm: set[tuple[str, ...]] = set()
+    out: list[Row] = []
+    exact = normed = 0
+    for row in rows:
+        if row.raw in seen_raw:
+            exact += 1
+            continue
+        seen_raw.add(row.raw)
+        key = (row.task, *row.values.values())
+        if key in seen_norm:
+            normed += 1
+            continue
+        seen_norm.add(key)
+        out.append(row)
+    return out, exact, normed
+
+
+def parse_mcq_answer(value: str) -> str | None:
+    """'A'..'E' (any case, '(c)', 'C.'), or 1..5 as int or text ('3', '3.0') -> letter; else None."""
+    s = value.strip().strip("().").strip().upper()
+    if s in MCQ_LETTERS:
+        return s
+    try:
+        f = float(s)
+    except ValueError:
+        return None
+    if f.is_integer() and 1 <= int(f) <= 5:
+        return MCQ_LETTERS[int(f) - 1]
+    return None
+
+
+def split_key(task: str, v: dict[str, str]) -> str:
+    """What decides the split: the question (for translations, the Korean side of the pair)."""
+    if task == "reasoning":
+        return match_key(v["question"])
+    if task == "instruction":
+        return match_key(instruction_question(v["instruction"], v["input"]))
+    return match_key(v["ko"])
+
+
+def overlap_keys(task: str, v: dict[str, str]) -> list[str]:
+    if task == "reasoning":
+        return [match_key(v["question"])]
+    if task == "instruction":
+        return [match_key(v["instruction"]), match_key(instruction_question(v["instruction"], v["input"]))]
+    return [match_key(v["ko"]), match_key(v["en"])]
+
+
+def instruction_question(instruction: str, inp: str) -> str:
+    return instruction + ("\n\n" + inp if inp else "")
+
+
+# --------------------------------------------------------------------------- eval sets
+
+
+@dataclass
+class EvalSets:
+    mcq: list[dict[str, Any]]
+    koen: list[dict[str, Any]]
+    keys: set[str]
+    metrics: dict[str, Any]
+
+
+def build_eval(cfg: DataCfg, root: Path) -> EvalSets:
+    """Held-out MCQ and Ko-En pairs, plus the match keys that train/val must never contain."""
+    metrics: dict[str, Any] = {}
+    if cfg.eval.mcq.task != "mcq":
+        raise StageError(
+            f"data.eval.mcq source {cfg.eval.mcq.name!r} must have task 'mcq', not {cfg.eval.mcq.task!r}."
+        )
+    if cfg.eval.koen.task not in ("pairs", "translation"):
+        raise StageError(
+            f"data.eval.koen source {cfg.eval.koen.name!r} must have task 'pairs', not {cfg.eval.koen.task!r}."
+        )
+    pii: Counter[str] = Counter()
+
+    rows, blank = read_source(cfg.eval.mcq, root, cfg.max_xlsx_mb)
+    metrics[f"eval.rows_in.{cfg.eval.mcq.name}"] = len(rows) + blank
+    apply_pii(rows, cfg.pii, pii)
+    rows, exact, normed = dedup(rows)
+    mcq = []
+    for row in rows:
+        v = row.values
+        letter = parse_mcq_answer(v["answer"])
+        col = row.cols["answer"]
+        if letter is None:
+            raise StageError(
+                f"{row.loc()}: column {col!r} holds {v['answer']!r}, not a letter A-E or a number 1-5."
+            )
+        options = {k: v[k] for k in MCQ_LETTERS if v[k]}
+        if letter not in options:
+            raise StageError(f"{row.loc()}: column {col!r} names option {letter}, which is empty.")
+        mcq.append(
+            {
+                "id": short_hash("mcq", v["question"], *options.values()),
+                "source": row.source,
+                "question": v["question"],
+                "options": options,
+                "answer": letter,
+            }
+        )
+    metrics["eval.mcq_rows"] = len(mcq)
+    mcq_dups = exact + normed
+
+    rows, blank = read_source(cfg.eval.koen, root, cfg.max_xlsx_mb)
+    metrics[f"eval.rows_in.{cfg.eval.koen.name}"] = len(rows) + blank
+    apply_pii(rows, cfg.pii, pii)
+    rows, exact, normed = dedup(rows)
+    koen = [
+        {
+            "id": short_hash("pair", r.values["ko"], r.values["en"]),
+            "source": r.source,
+            "ko": r.values["ko"],
+            "en": r.values["en"],
+        }
+        for r in rows
+    ]
+    metrics["eval.koen_rows"] = len(koen)
+    metrics["eval.dropped.duplicate"] = mcq_dups + exact + normed
+    metrics["eval.pii_masked"] = sum(pii.values())
+
+    keys = {match_key(m["question"]) for m in mcq}
+    for p in koen:
+        keys.add(match_key(p["ko"]))
+        keys.add(match_key(p["en"]))
+    return EvalSets(mcq, koen, keys, metrics)
+
+
+# --------------------------------------------------------------------------- training records
+
+
+@dataclass(slots=True)
+class _Rec:
+    source: str
+    task: str
+    key: str  # split key
+    id: str
+    question: str
+    cot: str | None
+    answer: str
+    prompt: str = ""
+    completion: str = ""
+    n_prompt: int = 0
+    n_tokens: int = 0
+    truncated: bool = False
+
+
+def _records(row: Row, task: str, direction: str, think: str) -> list[_Rec]:
+    v = row.values
+    key = split_key(task, v)
+    empty_think = "" if think == "empty" else None
+    if task == "reasoning":
+        return [
+            _Rec(
+                row.source,
+                task,
+                key,
+                short_hash(task, v["question"], v["cot"], v["answer"]),
+                v["question"],
+                v["cot"],
+                v["answer"],
+            )
+        ]
+    if task == "instruction":
+        q = instruction_question(v["instruction"], v["input"])
+        return [_Rec(row.source, task, key, short_hash(task, q, v["output"]), q, empty_think, v["output"])]
+    out = []
+    if direction in ("ko2en", "both"):
+        out.append(
+            _Rec(
+                row.source,
+                task,
+                key,
+                short_hash(task, "ko2en", v["ko"], v["en"]),
+                f"{KO2EN_INSTRUCTION}\n\n{v['ko']}",
+                empty_think,
+                v["en"],
+            )
+        )
+    if direction in ("en2ko", "both"):
+        out.append(
+            _Rec(
+                row.source,
+                task,
+                key,
+                short_hash(task, "en2ko", v["ko"], v["en"]),
+                f"{EN2KO_INSTRUCTION}\n\n{v['en']}",
+                empty_think,
+                v["ko"],
+            )
+        )
+    return out
+
+
+def token_lengths(
+    tokenizer: Any, texts: Sequence[str], add_special_tokens: bool, desc: str = "tokenize"
+) -> list[int]:
+    """Token counts of `texts`, tokenized in batches (much faster than one by one).
+
+    Uses the Rust backend's offset-free batch encoder when the tokenizer has one (same ids as
+    `tokenizer(texts)`), with its thread pool on for the call: this process does not fork meanwhile,
+    and kmed.io's TOKENIZERS_PARALLELISM=false is restored afterwards.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    out: list[int] = []
+    bar = None
+    if len(texts) >= PROGRESS_MIN_ROWS:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(texts), desc=desc, unit="rows", mininterval=2.0)
+    with _tokenizers_parallel():
+        for s in range(0, len(texts), TOKENIZE_BATCH):
+            batch = list(texts[s : s + TOKENIZE_BATCH])
+            if fast is not None:
+                out.extend(len(e.ids) for e in fast(batch, add_special_tokens=add_special_tokens))
+            else:
+                enc = tokenizer(
+                    batch,
+                    add_special_tokens=add_special_tokens,
+                    return_attention_mask=False,
+                    return_token_type_ids=False,
+                    verbose=False,
+                )
+                out.extend(len(ids) for ids in enc["input_ids"])
+            if bar is not None:
+                bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+@contextlib.contextmanager
+def _tokenizers_parallel() -> Iterator[None]:
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+
+
+def _decode_prefix(tokenizer: Any, ids: list[int]) -> str:
+    # A byte-level cut can split a multi-byte character; drop the dangling replacement char.
+    return (
+        tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        .rstrip("\ufffd")
+        .rstrip()
+    )
+
+
+def truncate_completion(
+    tokenizer: Any, rec_cot: str | None, answer: str, eos: str, n_prompt: int, max_len: int
+) -> tuple[str, int] | None:
+    """A completion cut to fit `max_len` with the prompt: the cot is shortened first, then the answer;
+    the `<think>` frame and the EOS are kept. None when not even an empty body fits."""
+    frame = render_completion("" if rec_cot is not None else None, "", eos)
+    budget = max_len - n_prompt - len(_ids(tokenizer, frame))
+    if budget < 1:
+        return None
+    a_ids = _ids(tokenizer, answer)
+    c_ids = _ids(tokenizer, rec_cot) if rec_cot else []
+    if len(a_ids) < budget:
+        keep_c, keep_a = budget - len(a_ids), len(a_ids)
+    else:
+        keep_c, keep_a = 0, budget
+    for _ in range(64):  # re-tokenising the cut text can differ by a token or two at the seams
+        cot = (
+            None
+            if rec_cot is None
+            else (_decode_prefix(tokenizer, c_ids[:keep_c]) if keep_c < len(c_ids) else rec_cot)
+        )
+        ans = _decode_prefix(tokenizer, a_ids[:keep_a]) if keep_a < len(a_ids) else answer
+        comp = render_completion(cot, ans, eos)
+        n = len(_ids(tokenizer, comp))
+        over = n_prompt + n - max_len
+        if over <= 0:
+            return comp, n
+        if keep_c > 0:
+            keep_c = max(0, keep_c - over)
+        else:
+            keep_a = max(0, keep_a - over)
+    return None
+
+
+def _percentiles(values: list[int]) -> dict[str, int]:
+    if not values:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
+    s = sorted(values)
+
+    def rank(p: float) -> int:  # nearest-rank percentile: an observed value, deterministic
+        return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
+
+    return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": s[-1]}
+
+
+def _as_dict(r: _Rec) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "source": r.source,
+        "task": r.task,
+        "lang": detect_lang(r.question),
+        "prompt": r.prompt,
+        "completion": r.completion,
+        "n_prompt_tokens": r.n_prompt,
+        "n_tokens": r.n_tokens,
+    }
+
+
+@dataclass
+class StageData:
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    samples: list[tuple[str, dict[str, Any]]]  # (note, record)
+    by_source: dict[str, Counter[str]]  # source -> rows in / dropped by reason / records out
+
+
+def build_stage(
+    name: str, scfg: StageDataCfg, cfg: DataCfg, tokenizer: Any, max_len: int, root: Path, eval_keys: set[str]
+) -> StageData:
+    """Read, check, split, render and measure one SFT stage's sources."""
+    eos = tokenizer.eos_token
+    if not eos:
+        raise StageError("The base tokenizer has no eos token, so completions cannot end with one.")
+    names = [s.name for s in scfg.sources]
+    if len(set(names)) != len(names):
+        raise StageError(f"data.{name}.sources: source names must be unique (got {_q(names)}).")
+    m: dict[str, Any] = {}
+    drops: Counter[str] = Counter(
+        {"empty": 0, "duplicate": 0, "eval_overlap": 0, "overlong": 0, "subsampled": 0}
+    )
+    pii: Counter[str] = Counter({"rrn": 0, "phone": 0})
+    weights = {s.name: s.weight for s in scfg.sources}
+    by_src: dict[str, Counter[str]] = {s.name: Counter() for s in scfg.sources}
+
+    def count_drop(before: list[Row], after: list[Row], reason: str) -> None:
+        for source, n in (Counter(r.source for r in before) - Counter(r.source for r in after)).items():
+            by_src[source][reason] += n
+
+    # Read every source; blank rows are dropped and counted.
+    rows: list[Row] = []
+    for src in scfg.sources:
+        if src.task not in TRAIN_TASKS:
+            raise StageError(
+                f"data.{name} source {src.name!r}: task {src.task!r} is for eval sets, not training."
+            )
+        got, blank = read_source(src, root, cfg.max_xlsx_mb)
+        log.info("%s: %s gave %d rows (%d blank)", name, src.name, len(got) + blank, blank)
+        m[f"{name}.rows_in.{src.name}"] = len(got) + blank
+        by_src[src.name].update({"rows_in": len(got) + blank, "empty": blank})
+        drops["empty"] += blank
+        rows.extend(got)
+
+    # PII, then duplicates across the stage's sources, then anything that equals an eval item.
+    apply_pii(rows, cfg.pii, pii)
+    before = rows
+    rows, exact, normed = dedup(rows)
+    count_drop(before, rows, "duplicate")
+    drops["duplicate"] = exact + normed
+    m[f"{name}.duplicates.exact"] = exact
+    m[f"{name}.duplicates.normalized"] = normed
+    tasks = {s.name: s.task for s in scfg.sources}
+    kept = []
+    for row in rows:
+        if any(k in eval_keys for k in overlap_keys(tasks[row.source], row.values)):
+            drops["eval_overlap"] += 1
+        else:
+            kept.append(row)
+    count_drop(rows, kept, "eval_overlap")
+    rows = kept
+
+    # Weight < 1: a deterministic subsample of the source's rows.
+    kept = []
+    for row in rows:
+        w = weights[row.source]
+        if w < 1 and _unit_hash(str(cfg.seed), "weight", *row.values.values()) >= w:
+            drops["subsampled"] += 1
+        else:
+            kept.append(row)
+    count_drop(rows, kept, "subsampled")
+    rows = kept
+
+    # Render; the split hangs on the question so both directions of a pair land together.
+    recs: list[_Rec] = []
+    for row in rows:
+        recs.extend(_records(row, tasks[row.source], scfg.translation_direction, cfg.think_for_non_reasoning))
+    for r in recs:
+        r.prompt = render_prompt(cfg.system_prompt, r.question)
+        r.completion = render_completion(r.cot, r.answer, eos)
+
+    # Token lengths with the base tokenizer; overlong records dropped or truncated.
+    n_p = token_lengths(tokenizer, [r.prompt for r in recs], True, f"{name} prompts")
+    n_c = token_lengths(tokenizer, [r.completion for r in recs], False, f"{name} completions")
+    truncated = 0
+    fitted: list[_Rec] = []
+    for r, a, b in zip(recs, n_p, n_c, strict=True):
+        r.n_prompt, r.n_tokens = a, a + b
+        if r.n_tokens > max_len:
+            cut = (
+                truncate_completion(tokenizer, r.cot, r.answer, eos, a, max_len)
+                if cfg.overlong == "truncate"
+                else None
+            )
+            if cut is None:
+                drops["overlong"] += 1
+                by_src[r.source]["overlong"] += 1
+                continue
+            r.completion, r.n_tokens, r.truncated = cut[0], a + cut[1], True
+            by_src[r.source]["truncated"] += 1
+            truncated += 1
+        fitted.append(r)
+
+    # Split by a hash of the normalised question; weight > 1 repeats records in train only.
+    train: list[dict[str, Any]] = []
+    val: list[dict[str, Any]] = []
+    out_by_src: Counter[str] = Counter()
+    repeated = 0
+    for r in fitted:
+        d = _as_dict(r)
+        out_by_src[r.source] += 1
+        if _unit_hash(str(cfg.seed), "split", r.key) < cfg.val_fraction:
+            val.append(d)
+            continue
+        w = weights[r.source]
+        copies = 1
+        if w > 1:
+            copies = int(w) + (1 if _unit_hash(str(cfg.seed), "repeat", r.id) < w - int(w) else 0)
+        train.extend([d] * copies)
+        repeated += copies - 1
+
+    if train and not val:
+        log.warning(
+            "%s: no record fell into val (val_fraction %g of %d records)", name, cfg.val_fraction, len(fitted)
+        )
+    for src in scfg.sources:
+        m[f"{name}.rows_out.{src.name}"] = out_by_src[src.name]
+        by_src[src.name]["records_out"] = out_by_src[src.name]
+    for k, v in drops.items():
+        m[f"{name}.dropped.{k}"] = v
+    m[f"{name}.truncated"] = truncated
+    m[f"{name}.repeated"] = repeated
+    m[f"{name}.pii_masked"] = sum(pii.values())
+    for k, v in pii.items():
+        m[f"{name}.pii.{k}"] = v
+    m[f"{name}.train_rows"] = len(train)
+    m[f"{name}.val_rows"] = len(val)
+    langs = Counter(detect_lang(r.question) for r in fitted)
+    m[f"{name}.lang.ko"] = langs["ko"]
+    m[f"{name}.lang.en"] = langs["en"]
+    for k, v in _percentiles([r.n_tokens for r in fitted]).items():
+        m[f"{name}.tokens_{k}"] = v
+    for k, v in _percentiles([r.n_prompt for r in fitted]).items():
+        m[f"{name}.prompt_tokens_{k}"] = v
+
+    # Debug samples: the first two records of each source, and the first truncated one.
+    samples: list[tuple[str, dict[str, Any]]] = []
+    for src in scfg.sources:
+        samples += [("", _as_dict(r)) for r in [r for r in fitted if r.source == src.name][:2]]
+    cut_rec = next((r for r in fitted if r.truncated), None)
+    if cut_rec is not None:
+        samples.append(("truncated to fit max_seq_length", _as_dict(cut_rec)))
+    return StageData(train, val, m, samples, by_src)
+
+
+# --------------------------------------------------------------------------- the whole stage
+
+
+@dataclass
+class Built:
+    """Everything preprocess writes: `files` are paths relative to data/processed."""
+
+    files: dict[str, list[dict[str, Any]]]
+    metrics: dict[str, Any]
+    samples: dict[str, list[tuple[str, dict[str, Any]]]]
+    by_source: dict[str, dict[str, Counter[str]]]
+
+
+STAGES = ("stage1", "stage2")
+
+
+def build_datasets(params: Params, tokenizer: Any, root: Path) -> Built:
+    """The preprocess stage without its I/O: eval sets, then each SFT stage kept apart from them."""
+    cfg = params.data
+    root = Path(root).resolve()
+    ev = build_eval(cfg, root)
+    metrics: dict[str, Any] = dict(ev.metrics)
+    files: dict[str, list[dict[str, Any]]] = {"eval/mcq.jsonl": ev.mcq, "eval/koen.jsonl": ev.koen}
+    samples: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    by_source: dict[str, dict[str, Counter[str]]] = {}
+    overlap = 0
+    for name in STAGES:
+        sd = build_stage(name, getattr(cfg, name), cfg, tokenizer, params.model.max_seq_length, root, ev.keys)
+        files[f"{name}/train.jsonl"] = sd.train
+        files[f"{name}/val.jsonl"] = sd.val
+        metrics.update(sd.metrics)
+        samples[name] = sd.samples
+        by_source[name] = sd.by_source
+        overlap += sd.metrics[f"{name}.dropped.eval_overlap"]
+    metrics["eval.overlap_removed"] = overlap
+    metrics["max_seq_length"] = params.model.max_seq_length
+    return Built(files, metrics, samples, by_source)
+
+
+def write_outputs(built: Built, out_dir: Path) -> None:
+    for rel, rows in sorted(built.files.items()):
+        write_jsonl(out_dir / rel, rows)
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def data_report(params: Params, built: Built) -> str:
+    """reports/data_report.md: rows in/out per source, drops by reason, token lengths, PII counts."""
+    cfg = params.data
+    metrics = built.metrics
+    L = [
+        "# Data report",
+        "",
+        f"Token lengths are the base tokenizer's, against model.max_seq_length = {params.model.max_seq_length}; "
+        f"overlong = {cfg.overlong}, pii = {cfg.pii}, val_fraction = {cfg.val_fraction}, "
+        f"think_for_non_reasoning = {cfg.think_for_non_reasoning}.",
+        "",
+    ]
+    for name in STAGES:
+        scfg: StageDataCfg = getattr(cfg, name)
+        g = lambda k, name=name: metrics.get(f"{name}.{k}", 0)  # noqa: E731
+        by = built.by_source.get(name, {})
+        L += [
+            f"## {name}",
+            "",
+            "Rows are source rows; records are training examples (a translation pair gives one per direction).",
+            "",
+            "| source | task | kind | weight | rows in | blank | duplicate | equals eval item | subsampled "
+            "| records over length | truncated (kept) | records out |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for s in scfg.sources:
+            c = by.get(s.name, Counter())
+            L.append(
+                f"| {s.name} | {s.task} | {s.kind} | {s.weight:g} | {c['rows_in']} | {c['empty']} | {c['duplicate']} "
+                f"| {c['eval_overlap']} | {c['subsampled']} | {c['overlong']} | {c['truncated']} | {c['records_out']} |"
+            )
+        L += [
+            "",
+            f"Records: **{g('train_rows')} train**, **{g('val_rows')} val** ({g('repeated')} of the train "
+            f"records are repeats from weights > 1; translation direction {scfg.translation_direction}). "
+            f"Question language: {g('lang.ko')} ko, {g('lang.en')} en.",
+            "",
+            "| dropped because | count |",
+            "|---|---:|",
+        ]
+        for reason, what in (
+            ("empty", "blank row"),
+            ("duplicate", "duplicate row (exact + normalised)"),
+            ("eval_overlap", "row equals an eval item"),
+            ("subsampled", "row left out by weight < 1"),
+            ("overlong", f"record over {params.model.max_seq_length} tokens"),
+        ):
+            L.append(f"| {what} | {g('dropped.' + reason)} |")
+        L += [
+            f"| *record truncated to fit (kept)* | {g('truncated')} |",
+            "",
+            f"Duplicates: {g('duplicates.exact')} exact, {g('duplicates.normalized')} equal only after normalisation.",
+            "",
+            "| tokens | p50 | p90 | p99 | max |",
+            "|---|---:|---:|---:|---:|",
+            f"| prompt + completion | {g('tokens_p50')} | {g('tokens_p90')} | {g('tokens_p99')} | {g('tokens_max')} |",
+            f"| prompt (masked) | {g('prompt_tokens_p50')} | {g('prompt_tokens_p90')} | {g('prompt_tokens_p99')} | {g('prompt_tokens_max')} |",
+            "",
+            f"PII masked: {g('pii_masked')} ({g('pii.rrn')} resident registration numbers, {g('pii.phone')} phone numbers).",
+            "",
+        ]
+    L += [
+        "## eval",
+        "",
+        "| set | source | rows in | rows out |",
+        "|---|---|---:|---:|",
+        f"| mcq | {cfg.eval.mcq.name} | {metrics.get('eval.rows_in.' + cfg.eval.mcq.name, 0)} | {metrics.get('eval.mcq_rows', 0)} |",
+        f"| koen | {cfg.eval.koen.name} | {metrics.get('eval.rows_in.' + cfg.eval.koen.name, 0)} | {metrics.get('eval.koen_rows', 0)} |",
+        "",
+        f"Duplicates dropped: {metrics.get('eval.dropped.duplicate', 0)}. PII masked: {metrics.get('eval.pii_masked', 0)}. "
+        f"Training rows removed for equalling an eval item: {metrics.get('eval.overlap_removed', 0)}.",
+        "",
+    ]
+    return "\n".join(L)
+
+
+def _fence(text: str) -> str:
+    ticks = "```"
+    while ticks in text:
+        ticks += "`"
+    return f"{ticks}text\n{text}\n{ticks}"
+
+
+def debug_samples(samples: dict[str, list[tuple[str, dict[str, Any]]]], eos: str) -> str:
+    """reports/debug_samples.md: rendered examples with the masked prompt and trained completion marked."""
+    L = [
+        "# Debug samples",
+        "",
+        "Each example is exactly what training sees, split at the loss boundary. The quoted **MASKED** "
+        "part (the prompt) gets no loss; the **TRAINED** part (the completion, `<think>` block and "
+        f"EOS `{eos}` included) does. Each block's text starts on the line after its opening fence "
+        "and ends just before its closing fence (the prompt's final newline shows as an empty line).",
+        "",
+    ]
+    for name, rows in samples.items():
+        L += [f"## {name}", ""]
+        if not rows:
+            L += ["(no records)", ""]
+        for note, d in rows:
+            extra = f" · **{note}**" if note else ""
+            L += [
+                f"### {d['source']} · {d['task']} · {d['lang']} · `{d['id']}`{extra}",
+                "",
+                f"{d['n_prompt_tokens']} prompt tokens, {d['n_tokens']} in all.",
+                "",
+                "> **MASKED** (prompt, no loss)",
+                ">",
+            ]
+            L += ["> " + line if line else ">" for line in _fence(d["prompt"]).split("\n")]
+            L += ["", "**TRAINED** (completion, loss incl. EOS)", "", _fence(d["completion"]), ""]
+    return "\n".join(L)

