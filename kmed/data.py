@@ -662,9 +662,9 @@ def dedup(rows: list[Row]) -> tuple[list[Row], int, int]:
     return out, exact, normed
 
 
-def parse_mcq_answer(value: str) -> str | None:
+def parse_mcq_answer(value: str | int | float) -> str | None:
     """'A'..'E' (any case, '(c)', 'C.'), or 1..5 as int or text ('3', '3.0') -> letter; else None."""
-    s = value.strip().strip("().").strip().upper()
+    s = str(value).strip().strip("().").strip().upper()
     if s in MCQ_LETTERS:
         return s
     try:

@@ -37,6 +37,12 @@ def check_format(text: str) -> dict[str, Any]:
     return {"ok": ok, "think_chars": len(m.group(1).strip()) if m else 0, "answer": answer}
 
 
+def regression_keys() -> tuple[str, ...]:
+    """Metrics of the base → stage 1 → stage 2 regression table, in display order."""
+    return ("val1_loss", "val2_loss", "mcq_acc", "format_ok", "think_chars", "eos_stop", "chrf_ko2en",
+            "chrf_en2ko", "bleu_ko2en", "bleu_en2ko")
+
+
 def answer_text(text: str) -> str:
     """The part after </think> (or the whole text when there is no think block)."""
     i = text.rfind("</think>")

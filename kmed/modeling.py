@@ -172,10 +172,12 @@ def _copy_hf_folder(src: Path, out: Path) -> None:
 
 def hub_snapshot(repo_id: str, revision: str) -> Path:
     """Download (or, offline, resolve from the HF cache) a pinned snapshot: safetensors only."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
-        path = snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+        # Offline (HF_HUB_OFFLINE=1, as on air-gapped hospital boxes) only the local cache is read.
+        path = snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
+                                 local_files_only=bool(constants.HF_HUB_OFFLINE))
     except Exception as e:  # network, auth, missing revision: one sentence
         raise StageError(f"model.base {repo_id!r}@{revision}: could not fetch from the Hub ({type(e).__name__}).") from e
     return Path(path)

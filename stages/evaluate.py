@@ -22,15 +22,22 @@ from tqdm import tqdm
 
 from kmed.config import Params, load_params, resolved_dict
 from kmed.evaluation import (
-    ANSWER_CUE, LETTERS, answer_text, bleu, check_format, chrf, mcq_accuracy, mcq_question_text,
+    ANSWER_CUE,
+    LETTERS,
+    answer_text,
+    bleu,
+    check_format,
+    chrf,
+    mcq_accuracy,
+    mcq_question_text,
+    regression_keys,
 )
 from kmed.io import StageError, read_jsonl, run_stage, write_json, write_jsonl, write_text_atomic
 from kmed.tracking import Tracker
 
 log = logging.getLogger("stages.evaluate")
 MODEL_DIRS = {"base": Path("models/base"), "stage1": Path("models/stage1/merged"), "stage2": Path("models/stage2/merged")}
-TABLE_KEYS = ("val1_loss", "val2_loss", "mcq_acc", "format_ok", "think_chars", "eos_stop", "chrf_ko2en",
-              "chrf_en2ko", "bleu_ko2en", "bleu_en2ko")
+TABLE_KEYS = regression_keys()
 
 
 def mcq_scores(model: Any, tok: Any, system: str, items: list[dict[str, Any]], batch: int) -> list[dict[str, float]]:

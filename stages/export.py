@@ -123,8 +123,16 @@ def main() -> None:
 
     from kmed.data import render_prompt
     from kmed.ggufio import (
-        agreement, check_chat_template, check_meta, convert_f16, gguf_ppl, greedy_ids, hf_ppl, open_gguf,
-        quantize, read_meta,
+        agreement,
+        check_chat_template,
+        check_meta,
+        convert_f16,
+        gguf_ppl,
+        greedy_ids,
+        hf_ppl,
+        open_gguf,
+        quantize,
+        read_meta,
     )
     from kmed.lm import greedy_generate
     from kmed.modeling import load_causal_lm, load_tokenizer

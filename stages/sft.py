@@ -219,6 +219,9 @@ def build_model(backend: str, start: Path, params: Params, bf16: bool) -> tuple[
         loftq_config=LoftQConfig(**lc.loftq_config) if lc.loftq_config else {},
     )
     model = get_peft_model(model, lcfg)
+    # Training never needs a KV cache, and with one transformers skips the per-sample mask of
+    # padding-free rows (attention would leak across samples).
+    model.config.use_cache = False
     return model, tok, notes
 
 

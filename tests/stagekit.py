@@ -1,0 +1,71 @@
+"""Helpers for tests that run the real stage entry points in a throwaway workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "KMED_MLFLOW": "0",
+                "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"})
+    env.update(extra)
+    return env
+
+
+def write_params(workdir: Path, **overrides: Any) -> Path:
+    """params.yaml = the repo's, with dotted-key overrides (e.g. {"train.max_steps": 4})."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        node = raw
+        *path, last = dotted.split(".")
+        for k in path:
+            node = node[k]
+        node[last] = value
+    out = workdir / "params.yaml"
+    out.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
+    return out
+
+
+def run_stage(workdir: Path, module: str, *args: str, check: bool = True, timeout: int = 600,
+              **env: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=workdir, env=stage_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def tiny_records(n: int, lang_mix: bool = True) -> list[dict[str, str]]:
+    """Rendered R1 records with a learnable pattern (the answer repeats a word from the question)."""
+    from kmed.data import render_completion, render_prompt
+
+    words = ["fever", "cough", "rash", "pain", "발열", "기침", "두통", "구토"]
+    rows = []
+    for i in range(n):
+        w = words[i % len(words)] if lang_mix else words[i % 4]
+        q = f"Case {i}: the patient reports {w}. What is the main symptom?"
+        rows.append({"prompt": render_prompt("You are a medical expert.", q),
+                     "completion": render_completion(f"The question mentions {w}.", f"The main symptom is {w}.",
+                                                     "<|im_end|>")})
+    return rows
+
+
+def write_split(workdir: Path, stage: str, train: list[dict[str, str]], val: list[dict[str, str]]) -> None:
+    d = workdir / "data" / "processed" / stage
+    d.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("val", val)):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())

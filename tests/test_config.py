@@ -1,0 +1,90 @@
+"""params.yaml schema: the real files validate; bad keys/values give one sentence naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kmed.config import ParamsError, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAM_FILES = [ROOT / "params.yaml", *sorted((ROOT / "recipes").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)
+def test_real_params_validate(path: Path) -> None:
+    p = load_params(path)
+    # The seed's LoRA and trainer values, verbatim, in every file.
+    assert (p.lora.r, p.lora.lora_alpha, p.lora.lora_dropout) == (16, 16, 0.0)
+    assert set(p.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (p.lora.bias, p.lora.use_gradient_checkpointing, p.lora.random_state) == ("none", "unsloth", 3407)
+    assert (p.lora.use_rslora, p.lora.loftq_config) == (False, None)
+    t = p.train
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.warmup_steps, t.max_steps) == (2, 4, 5, 60)
+    assert (t.learning_rate, t.weight_decay, t.lr_scheduler_type, t.seed, t.logging_steps) == (2e-4, 0.01, "linear", 3407, 10)
+
+
+def test_recipe_is_the_32b_production_path() -> None:
+    p = load_params(ROOT / "recipes/r1-32b-medical-ko.yaml")
+    assert p.model.base == "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B" and p.model.revision
+    assert p.model.load_in_4bit and p.model.max_seq_length == 2048
+    hub = {s.hub_id for s in p.data.stage1.sources + p.data.stage2.sources if s.kind == "hf"}
+    assert hub == {"FreedomIntelligence/medical-o1-reasoning-SFT", "MarkrAI/KoCommercial-Dataset"}
+
+
+def _write(tmp_path: Path, mutate) -> Path:  # noqa: ANN001
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    mutate(raw)
+    out = tmp_path / "params.yaml"
+    out.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda r: r["lora"].update(r="abc"), "'lora.r'"),
+        (lambda r: r["lora"].update(rr=8), "unknown key 'lora.rr'"),
+        (lambda r: r["train"].update(learning_rate=-1), "'train.learning_rate'"),
+        (lambda r: r.update(extra_section={}), "unknown key 'extra_section'"),
+        (lambda r: r["export"].update(quantizations=["q3_x"]), "unknown quantization 'q3_x'"),
+        (lambda r: r["sft_stage2"].update(init="magic"), "'sft_stage2.init'"),
+        (lambda r: r["model"].update(base="org/model", revision=None), "must pin a revision"),
+        (lambda r: r["model"].update(trust_remote_code=True), "trust_remote_code is refused"),
+        (lambda r: r["merge"].update(dequantize_4bit=False), "would merge into 4-bit"),
+        (lambda r: r["data"]["stage1"]["sources"][0].pop("path"), "needs a path"),
+    ],
+)
+def test_bad_params_one_sentence(tmp_path: Path, mutate, needle: str) -> None:  # noqa: ANN001
+    path = _write(tmp_path, mutate)
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    msg = str(e.value)
+    assert needle in msg
+    assert msg.count("\n") == 0 and msg.endswith(".")
+    assert str(path) in msg
+
+
+def test_trust_remote_code_allowed_when_pinned_and_listed(tmp_path: Path) -> None:
+    def mutate(r):  # noqa: ANN001, ANN202
+        r["model"].update(base="org/model", revision="abc123", trust_remote_code=True,
+                          trust_remote_code_allow=["org/model@abc123"])
+
+    assert load_params(_write(tmp_path, mutate)).model.trust_remote_code
+
+
+def test_missing_and_broken_files(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_params_are_frozen() -> None:
+    p = load_params(ROOT / "params.yaml")
+    with pytest.raises(Exception):
+        p.lora.r = 8  # type: ignore[misc]

@@ -1,0 +1,76 @@
+"""Metric code of the evaluate stage, pinned on crafted cases."""
+
+from __future__ import annotations
+
+import pytest
+
+from kmed.data import parse_mcq_answer
+from kmed.evaluation import answer_text, bleu, check_format, chrf, mcq_accuracy, regression_keys
+
+ITEMS = [
+    {"options": {"A": "a", "B": "b", "C": "c", "D": "d", "E": "e"}, "answer": "C"},
+    {"options": {"A": "a", "B": "b", "C": "c", "D": "d", "E": "e"}, "answer": "A"},
+    {"options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer": "D"},
+    {"options": {"A": "a", "B": "b", "C": "c", "D": "d", "E": "e"}, "answer": "E"},
+]
+
+
+def test_oracle_scores_one_and_reversed_scores_zero() -> None:
+    answers = [it["answer"] for it in ITEMS]
+    oracle = [{k: (1.0 if k == it["answer"] else 0.0) for k in it["options"]} for it in ITEMS]
+    reversed_ = [{k: (0.0 if k == it["answer"] else 1.0) + 0.1 * i for i, k in enumerate(it["options"])}
+                 for it in ITEMS]
+    reversed_ = [{k: (-10.0 if k == it["answer"] else v) for k, v in s.items()} for s, it in zip(reversed_, ITEMS)]
+    assert mcq_accuracy(oracle, answers) == 1.0
+    assert mcq_accuracy(reversed_, answers) == 0.0
+    assert mcq_accuracy([], []) == 0.0
+
+
+@pytest.mark.parametrize(("raw", "letter"), [("C", "C"), ("c", "C"), ("3", "C"), (3, "C"), ("1", "A"), ("5", "E"),
+                                             ("E", "E"), (" 2 ", "B")])
+def test_letter_and_integer_answers(raw, letter: str) -> None:  # noqa: ANN001
+    assert parse_mcq_answer(raw) == letter
+
+
+@pytest.mark.parametrize("bad", ["6", "0", "F", "", "AB"])
+def test_bad_answers_rejected(bad: str) -> None:
+    assert parse_mcq_answer(bad) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("<think>\n환자는 발열이 있다.\n</think>\n정답은 폐렴입니다.", True),
+        ("<think>\n\n</think>\nAnswer: B", True),
+        ("<think>\nreasoning without end\nAnswer: B", False),          # missing close tag
+        ("<think>a</think><think>b</think>answer", False),            # two think blocks
+        ("<think>\nreasoning\n</think>\n   ", False),                  # empty answer
+        ("Answer first <think>x</think> then", False),                # think not first
+        ("plain answer", False),
+    ],
+)
+def test_format_checker(text: str, ok: bool) -> None:
+    assert check_format(text)["ok"] is ok
+
+
+def test_format_checker_measures_think_and_answer() -> None:
+    r = check_format("<think>\nabc def\n</think>\n답: A")
+    assert r["think_chars"] == len("abc def") and r["answer"] == "답: A"
+    assert answer_text("<think>x</think>\n  Paris ") == "Paris"
+    assert answer_text("no think") == "no think"
+
+
+def test_chrf_and_bleu_equal_sacrebleu() -> None:
+    from sacrebleu.metrics import BLEU, CHRF
+
+    hyp, ref = ["The patient should take it after meals."], ["Take it after meals, three times a day."]
+    assert chrf(hyp, ref) == pytest.approx(CHRF().corpus_score(hyp, [ref]).score)
+    assert chrf(ref, ref) == pytest.approx(100.0)
+    assert 0 < chrf(hyp, ref) < 100
+    assert bleu(ref, ref, "en") == pytest.approx(100.0)
+    ko_h, ko_r = ["하루 세 번 식후에 복용하세요."], ["식후 하루 세 번 드세요."]
+    assert bleu(ko_h, ko_r, "ko") == pytest.approx(BLEU(tokenize="char").corpus_score(ko_h, [ko_r]).score)
+
+
+def test_regression_keys_cover_table() -> None:
+    assert {"mcq_acc", "format_ok", "chrf_ko2en", "chrf_en2ko", "val1_loss", "val2_loss"} <= set(regression_keys())

@@ -1,0 +1,208 @@
+"""The sft stage on a tiny Qwen2 built from a config: masking, loss, packing, resume, guards, stage 2."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kmed.lm import IGNORE, encode_record, encode_records
+from tests.stagekit import read_json, run_stage, stage_env, tiny_records, write_params, write_split
+
+FAST = {"train.max_steps": 12, "train.save_steps": 4, "train.learning_rate": 2e-3, "train.warmup_steps": 1,
+        "mlflow.enabled": False, "model.max_seq_length": 128}
+
+
+def test_labels_are_masked_exactly_on_the_prompt(smol_tokenizer) -> None:  # noqa: ANN001
+    row = tiny_records(1)[0]
+    enc = encode_record(smol_tokenizer, row["prompt"], row["completion"], 512)
+    n_prompt = len(smol_tokenizer(row["prompt"])["input_ids"])
+    assert enc["labels"][:n_prompt] == [IGNORE] * n_prompt
+    assert enc["labels"][n_prompt:] == enc["input_ids"][n_prompt:]
+    assert all(x != IGNORE for x in enc["labels"][n_prompt:])
+    assert enc["input_ids"][-1] == smol_tokenizer.eos_token_id  # EOS is trained
+    assert encode_records(smol_tokenizer, [row], 512) == [enc]
+
+
+def _tiny_batch(tok, n: int = 3):  # noqa: ANN001, ANN202
+    enc = encode_records(tok, tiny_records(n), 128)
+    return enc
+
+
+def test_selective_head_loss_equals_the_models_loss(tiny_model_dir: Path, smol_tokenizer) -> None:  # noqa: ANN001
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kmed.lm import padded_batches
+    from stages.sft import selective_lm_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    batch = next(padded_batches(_tiny_batch(smol_tokenizer), 3, smol_tokenizer.pad_token_id))
+    ref = model(**batch).loss
+    ours = selective_lm_loss(model, batch)
+    assert torch.allclose(ref, ours, atol=1e-5), (ref.item(), ours.item())
+
+
+def test_padding_free_batch_gives_the_same_per_sample_loss(tiny_model_dir: Path, smol_tokenizer) -> None:  # noqa: ANN001
+    """No attention or position leakage across samples flattened into one row."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    enc = _tiny_batch(smol_tokenizer, 3)
+    pad_id = smol_tokenizer.pad_token_id
+
+    def per_sample(batch: dict, lengths: list[int], flat: bool) -> list[float]:
+        with torch.no_grad():
+            # use_cache=False as in training: with a cache, transformers skips packed-sequence masking.
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
+        out, offset = [], 0
+        for i, n in enumerate(lengths):
+            lg = logits[0, offset:offset + n] if flat else logits[i, :n]
+            lab = batch["labels"][0, offset:offset + n] if flat else batch["labels"][i, :n]
+            out.append(torch.nn.functional.cross_entropy(lg[:-1], lab[1:], ignore_index=IGNORE).item())
+            offset += n
+        return out
+
+    lengths = [len(e["input_ids"]) for e in enc]
+    padded = DataCollatorForLanguageModeling(pad_token_id=pad_id)(enc)
+    flat = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True)(enc)
+    assert flat["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in flat
+    a, b = per_sample(padded, lengths, False), per_sample(flat, lengths, True)
+    assert a == pytest.approx(b, abs=1e-4)
+
+
+def _workdir(tmp_path: Path, tiny_model_dir: Path, **overrides) -> Path:  # noqa: ANN003
+    wd = tmp_path / "wd"
+    (wd / "models").mkdir(parents=True)
+    shutil.copytree(tiny_model_dir, wd / "models" / "base")
+    rows = tiny_records(40)
+    write_split(wd, "stage1", rows[:32], rows[32:])
+    write_split(wd, "stage2", rows[8:40], rows[:8])
+    write_params(wd, **{**FAST, **overrides})
+    return wd
+
+
+def _lora_tensors(adapter: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter / "adapter_model.safetensors"))
+
+
+@pytest.mark.integration
+def test_stage_trains_lora_only_and_loss_falls(tmp_path: Path, tiny_model_dir: Path) -> None:
+    wd = _workdir(tmp_path, tiny_model_dir)
+    base_bytes = (wd / "models/base/model.safetensors").read_bytes()
+    proc = run_stage(wd, "stages.sft", "stage1")
+    assert "trainable params:" in proc.stderr
+    m = read_json(wd / "metrics/sft-stage1.json")
+    assert m["steps"] == 12 and m["train_loss_final"] < m["train_loss_first"]
+    assert m["val_loss_final"] < m["val_loss_start"]
+    assert m["tokens_seen"] > 0 and m["tokens_per_s"] > 0
+    curve = (wd / "metrics/sft-stage1-curve.tsv").read_text().splitlines()
+    assert curve[0].startswith("step\tloss") and len(curve) == 13
+    lora = _lora_tensors(wd / "models/stage1/adapter")
+    assert lora and all("lora_" in k for k in lora)
+    b = [v for k, v in lora.items() if "lora_B" in k]
+    assert b and all(v.abs().sum() > 0 for v in b)  # B starts at zero: every adapter was trained
+    modules = {k.split(".")[-3] for k in lora}
+    assert modules == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (wd / "models/base/model.safetensors").read_bytes() == base_bytes  # frozen base untouched
+    assert not list((wd / "models/stage1").glob(".adapter.tmp-*"))
+    lineage = read_json(wd / "models/stage1/adapter/lineage.json")
+    assert lineage["seed"] == 3407 and lineage["params"]["lora"]["r"] == 16
+
+
+@pytest.mark.integration
+def test_same_seed_same_first_losses(tmp_path: Path, tiny_model_dir: Path) -> None:
+    curves = []
+    for i in range(2):
+        wd = _workdir(tmp_path / str(i), tiny_model_dir, **{"train.max_steps": 3})
+        run_stage(wd, "stages.sft", "stage1")
+        curves.append([line.split("\t")[1] for line in (wd / "metrics/sft-stage1-curve.tsv").read_text().splitlines()[1:]])
+    assert curves[0] == curves[1]
+
+
+@pytest.mark.integration
+def test_kill_then_rerun_resumes_and_skips_a_truncated_checkpoint(tmp_path: Path, tiny_model_dir: Path) -> None:
+    wd = _workdir(tmp_path, tiny_model_dir, **{"train.max_steps": 40, "train.save_steps": 2,
+                                               "train.save_total_limit": 10})
+    ck = wd / "models/checkpoints/stage1"
+    proc = subprocess.Popen([sys.executable, "-m", "stages.sft", "stage1"], cwd=wd, env=stage_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ck / "checkpoint-6" / "trainer_state.json").exists():
+        time.sleep(0.5)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (wd / "models/stage1/adapter").exists()  # nothing promoted by a killed run
+    done = sorted(int(p.name.split("-")[1]) for p in ck.glob("checkpoint-*"))
+    assert len(done) >= 3, done
+    newest = ck / f"checkpoint-{done[-1]}"
+    # Truncate the newest checkpoint's adapter: the rerun must skip it and take the one before.
+    f = newest / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    rerun = run_stage(wd, "stages.sft", "stage1")
+    assert f"skipping incomplete checkpoint {newest.relative_to(wd)}" in rerun.stderr
+    m = read_json(wd / "metrics/sft-stage1.json")
+    assert m["resumed_from_step"] == done[-2] and m["steps"] == 40
+    assert (wd / "models/stage1/adapter/adapter_model.safetensors").exists()
+
+
+@pytest.mark.integration
+def test_checkpoints_of_another_config_are_not_resumed(tmp_path: Path, tiny_model_dir: Path) -> None:
+    wd = _workdir(tmp_path, tiny_model_dir, **{"train.max_steps": 4, "train.save_steps": 2})
+    run_stage(wd, "stages.sft", "stage1")
+    write_params(wd, **{**FAST, "train.max_steps": 4, "train.save_steps": 2, "lora.r": 8})
+    proc = run_stage(wd, "stages.sft", "stage1")
+    assert "belong to another config" in proc.stderr
+    assert read_json(wd / "metrics/sft-stage1.json")["resumed_from_step"] == 0
+
+
+@pytest.mark.integration
+def test_nan_loss_stops_fast_and_promotes_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    wd = _workdir(tmp_path, tiny_model_dir, **{"train.max_steps": 30})
+    w = wd / "models/base/model.safetensors"
+    sd = load_file(str(w))
+    key = next(k for k in sd if k.endswith("norm.weight"))
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    save_file(sd, str(w), metadata={"format": "pt"})
+    t0 = time.time()
+    proc = run_stage(wd, "stages.sft", "stage1", check=False)
+    assert proc.returncode == 2
+    assert "loss became non-finite at step 2; no adapter was promoted" in proc.stderr
+    assert not (wd / "models/stage1/adapter").exists()
+    assert not (wd / "metrics/sft-stage1.json").exists()
+    assert time.time() - t0 < 120
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("init", ["merge_then_new_adapter", "continue_adapter"])
+def test_stage2_init_modes(tmp_path: Path, tiny_model_dir: Path, init: str) -> None:
+    wd = _workdir(tmp_path, tiny_model_dir, **{"train.max_steps": 6, "sft_stage2.init": init})
+    run_stage(wd, "stages.sft", "stage1")
+    run_stage(wd, "stages.merge", "stage1")
+    write_params(wd, **{**FAST, "train.max_steps": 1, "train.learning_rate": 1e-5, "sft_stage2.init": init})
+    proc = run_stage(wd, "stages.sft", "stage2")
+    b1 = {k: v for k, v in _lora_tensors(wd / "models/stage1/adapter").items() if "lora_B" in k}
+    b2 = {k: v for k, v in _lora_tensors(wd / "models/stage2/adapter").items() if "lora_B" in k}
+    drift = sum((b2[k] - b1[k]).norm() for k in b1) / sum(b1[k].norm() for k in b1)
+    lineage = read_json(wd / "models/stage2/adapter/lineage.json")
+    if init == "continue_adapter":
+        assert drift < 0.05  # one tiny step on top of the stage-1 adapter
+        assert lineage["notes"]["continued_from"] == "models/stage1/adapter"
+        assert lineage["start"] == "models/base"
+    else:
+        assert drift > 0.9  # a fresh adapter (B starts at zero) on the stage-1 merged weights
+        assert lineage["start"] == "models/stage1/merged"
+    assert "start=models/" in proc.stderr
