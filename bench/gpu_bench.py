@@ -460,7 +460,7 @@ def cmd_reload(a: argparse.Namespace) -> None:
         sd = load_file(str(adapter / "adapter_model.safetensors"))
         res["lora_tensors"] = len(sd)
         res["lora_B_abs_sum"] = float(sum(v.float().abs().sum() for k, v in sd.items() if "lora_B" in k))
-        loaded_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+        loaded_b = [p.detach() for n, p in model.named_parameters() if "lora_B" in n]
         res["loaded_lora_B_abs_sum"] = float(sum(p.float().abs().sum() for p in loaded_b))
         dev = next(model.parameters()).device
         ids = tok("patient presents with fever and cough; think step by step", return_tensors="pt")["input_ids"]
@@ -559,13 +559,13 @@ def plan(name: str) -> list[tuple[str, dict[str, Any], float]]:
                 (S, dict(shape="1.5b", backend="unsloth", steps=30, packing="none", lengths="realistic"), 80)]
     if name == "gpu-7b":
         return [("build", {"shape": "7b"}, 70),
-                (S, dict(shape="7b", backend="unsloth", steps=20, **fixed), 120),
-                ("ref", dict(shape="7b", mode="unsloth"), 80),
-                (S, dict(shape="7b", backend="hf", steps=10, **fixed), 90),
-                ("ref", dict(shape="7b", mode="hf"), 70),
-                (S, dict(shape="7b", backend="unsloth", steps=24, packing="padding_free", lengths="realistic"), 90),
-                (S, dict(shape="7b", backend="unsloth", steps=24, packing="none", lengths="realistic"), 90),
-                (S, dict(shape="7b", backend="unsloth", steps=16, packing="bfd", lengths="realistic"), 90)]
+                (S, dict(shape="7b", backend="unsloth", steps=12, **fixed), 110),
+                ("ref", dict(shape="7b", mode="unsloth", steps=12), 90),
+                (S, dict(shape="7b", backend="hf", steps=8, **fixed), 80),
+                (S, dict(shape="7b", backend="unsloth", steps=16, packing="none", lengths="realistic"), 85),
+                (S, dict(shape="7b", backend="unsloth", steps=16, packing="padding_free", lengths="realistic"), 85),
+                ("ref", dict(shape="7b", mode="hf", steps=8), 55),
+                (S, dict(shape="7b", backend="unsloth", steps=12, packing="bfd", lengths="realistic"), 85)]
     if name == "gpu-14b":
         return [("build", {"shape": "14b"}, 120),
                 (S, dict(shape="14b", backend="unsloth", steps=12, **fixed), 180),

@@ -143,12 +143,30 @@ def greedy_ids(llm: Any, prompt_ids: list[int], n: int) -> list[int]:
 
 
 def agreement(a: list[int], b: list[int], n: int) -> float:
-    """Share of the first n positions where the two greedy continuations agree."""
+    """Free-running: length of the common prefix of two greedy continuations, over n."""
     if n == 0:
         return 1.0
-    a, b = a[:n], b[:n]
-    same = sum(1 for x, y in zip(a, b, strict=False) if x == y)
-    return same / max(len(a), len(b), 1)
+    k = 0
+    for x, y in zip(a[:n], b[:n], strict=False):
+        if x != y:
+            break
+        k += 1
+    return k / n
+
+
+def forced_agreement(llm: Any, prompt_ids: list[int], ref_ids: list[int]) -> float:
+    """Teacher-forced top-1 agreement: feed the merged model's greedy tokens to the GGUF and count
+    the positions where the GGUF's argmax is the same token. Unlike free-running comparison, one
+    early near-tie does not zero out every later position."""
+    import numpy as np
+
+    if not ref_ids:
+        return 1.0
+    seq = prompt_ids + ref_ids
+    llm.reset()
+    llm.eval(seq)
+    logits = np.asarray(llm.scores[len(prompt_ids) - 1 : len(seq) - 1])
+    return float((logits.argmax(-1) == np.asarray(ref_ids)).mean())
 
 
 def gguf_ppl(llm: Any, texts_ids: list[list[int]]) -> float:

@@ -127,6 +127,7 @@ def main() -> None:
         check_chat_template,
         check_meta,
         convert_f16,
+        forced_agreement,
         gguf_ppl,
         greedy_ids,
         hf_ppl,
@@ -170,8 +171,10 @@ def main() -> None:
             check_meta(meta, tok, path.name)
             llm = open_gguf(path, logits_all=True)
             try:
-                got = [greedy_ids(llm, tok(p, add_special_tokens=True)["input_ids"], ec.parity_tokens) for p in prompts]
-                agree = sum(agreement(a, b, ec.parity_tokens) for a, b in zip(ref, got, strict=True)) / len(ref)
+                pids = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+                agree = sum(forced_agreement(llm, p, r) for p, r in zip(pids, ref, strict=True)) / len(ref)
+                got = [greedy_ids(llm, p, ec.parity_tokens) for p in pids]
+                prefix = sum(agreement(a, b, ec.parity_tokens) for a, b in zip(ref, got, strict=True)) / len(ref)
                 ppl = gguf_ppl(llm, texts)
                 chat = llm.create_chat_completion(
                     messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=256, temperature=0.0
@@ -181,9 +184,10 @@ def main() -> None:
             base_ppl = ppl if q == "f16" else base_ppl
             delta = ppl / base_ppl - 1 if base_ppl else 0.0
             finish = chat["choices"][0]["finish_reason"]
-            metrics.update({f"{q}.token_agreement": agree, f"{q}.ppl": ppl, f"{q}.ppl_delta_vs_f16": delta,
+            metrics.update({f"{q}.token_agreement": agree, f"{q}.greedy_prefix": prefix, f"{q}.ppl": ppl, f"{q}.ppl_delta_vs_f16": delta,
                             f"{q}.chat_stopped": int(finish == "stop"), f"{q}.tensors": meta["tensor_count"]})
-            log.info("%s: agreement %.3f ppl %.3f (Δ %.2f%% vs f16) finish=%s", q, agree, ppl, 100 * delta, finish)
+            log.info("%s: token agreement %.3f (greedy prefix %.3f) ppl %.3f (Δ %.2f%% vs f16) finish=%s", q, agree,
+                     prefix, ppl, 100 * delta, finish)
             min_agree, max_delta = ec.min_token_agreement.get(q), ec.max_ppl_delta.get(q)
             if min_agree is not None and agree < min_agree:
                 raise StageError(f"{path.name}: greedy token agreement {agree:.3f} is below export.min_token_agreement.{q}={min_agree}.")
