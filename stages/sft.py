@@ -250,21 +250,32 @@ def load_split(stage: str, split: str) -> list[dict[str, Any]]:
     return rows
 
 
-class CountingCollator:
-    """Wraps TRL's collator to count real (non-pad) tokens for tokens/s."""
+class TokenCounter:
+    """Counts real (non-pad) tokens entering the model's training forwards, for tokens/s.
 
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.tokens = inner, 0
+    A forward pre-hook rather than a collator wrapper: the Trainer prefetches a whole
+    gradient-accumulation window before the step begins, so collation time is not step time."""
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        self.tokens += sum(len(e["input_ids"]) for e in examples)
-        return self.inner(examples)
+    def __init__(self, model: Any) -> None:
+        self.tokens = 0
+        model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        if module.training:
+            self.count({"input_ids": args[0] if args else None, **kwargs})
+
+    def count(self, inputs: dict[str, Any]) -> None:
+        mask, ids = inputs.get("attention_mask"), inputs.get("input_ids")
+        if mask is not None:
+            self.tokens += int(mask.sum())
+        elif ids is not None:  # padding-free rows carry no pad tokens
+            self.tokens += int(ids.numel())
 
 
 # ---------------------------------------------------------------------------------------------
 # Callback: per-step records, NaN guard, progress log
 # ---------------------------------------------------------------------------------------------
-def make_callback(tracker: Tracker, collator: CountingCollator, patience: int, console_every: int, curve: list) -> Any:
+def make_callback(tracker: Tracker, counter: TokenCounter, patience: int, console_every: int, curve: list) -> Any:
     import torch
     from transformers import TrainerCallback
 
@@ -274,7 +285,7 @@ def make_callback(tracker: Tracker, collator: CountingCollator, patience: int, c
 
         def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
             if state.global_step == 0 or self.t is None:
-                self.t, self.tok0 = time.time(), collator.tokens
+                self.t, self.tok0 = time.time(), counter.tokens
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
             if not logs or "loss" not in logs:
@@ -282,8 +293,8 @@ def make_callback(tracker: Tracker, collator: CountingCollator, patience: int, c
             loss = float(logs["loss"])
             now = time.time()
             dt = max(now - self.t, 1e-9)
-            tps = (collator.tokens - self.tok0) / dt
-            self.t, self.tok0 = now, collator.tokens
+            tps = (counter.tokens - self.tok0) / dt
+            self.t, self.tok0 = now, counter.tokens
             peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
             row = {"step": state.global_step, "loss": loss, "learning_rate": float(logs.get("learning_rate", 0.0)),
@@ -335,7 +346,11 @@ def trainer_class(sft_trainer: type) -> type:
         return sft_trainer
 
     class SelectiveHeadSFTTrainer(sft_trainer):  # type: ignore[misc, valid-type]
+        token_counter: TokenCounter | None = None
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+            if self.token_counter is not None and model.training:
+                self.token_counter.count(inputs)  # the backbone is called directly: no top-level hook fires
             loss = selective_lm_loss(model, inputs, num_items_in_batch)
             return (loss, None) if return_outputs else loss
 
@@ -424,9 +439,9 @@ def main() -> None:
     t_train = time.time()
     with Tracker(params.mlflow, f"sft-{stage}", sec) as tracker:
         trainer = trainer_class(SFTTrainer)(model=model, args=args, train_dataset=ds, processing_class=tok)
-        # TRL builds the (padding-free) collator itself; wrap it to count real tokens.
-        collator = trainer.data_collator = CountingCollator(trainer.data_collator)
-        cb = make_callback(tracker, collator, t.nan_patience, t.logging_steps, curve)
+        counter = TokenCounter(trainer.model)
+        trainer.token_counter = counter
+        cb = make_callback(tracker, counter, t.nan_patience, t.logging_steps, curve)
         trainer.add_callback(cb)
         if resume:
             log.info("resuming from %s", resume)
@@ -461,8 +476,8 @@ def main() -> None:
             "val_ppl_final": val_after["ppl"] if val_after else None,
             "steps": steps_done,
             "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
-            "tokens_seen": collator.tokens,
-            "tokens_per_s": collator.tokens / max(train_s, 1e-9),
+            "tokens_seen": counter.tokens,
+            "tokens_per_s": counter.tokens / max(train_s, 1e-9),
             "train_seconds": round(train_s, 1),
             "load_seconds": round(t_train - t_load, 1),
             "peak_mem_gib": max((r["peak_mem_gib"] for r in curve), default=0.0),

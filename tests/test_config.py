@@ -86,5 +86,7 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
 
 def test_params_are_frozen() -> None:
     p = load_params(ROOT / "params.yaml")
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
         p.lora.r = 8  # type: ignore[misc]

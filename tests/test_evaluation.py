@@ -20,7 +20,7 @@ def test_oracle_scores_one_and_reversed_scores_zero() -> None:
     oracle = [{k: (1.0 if k == it["answer"] else 0.0) for k in it["options"]} for it in ITEMS]
     reversed_ = [{k: (0.0 if k == it["answer"] else 1.0) + 0.1 * i for i, k in enumerate(it["options"])}
                  for it in ITEMS]
-    reversed_ = [{k: (-10.0 if k == it["answer"] else v) for k, v in s.items()} for s, it in zip(reversed_, ITEMS)]
+    reversed_ = [{k: (-10.0 if k == it["answer"] else v) for k, v in s.items()} for s, it in zip(reversed_, ITEMS, strict=True)]
     assert mcq_accuracy(oracle, answers) == 1.0
     assert mcq_accuracy(reversed_, answers) == 0.0
     assert mcq_accuracy([], []) == 0.0

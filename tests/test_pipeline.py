@@ -1,0 +1,145 @@
+"""The whole pipeline through real DVC, on the embedded default with fewer steps, in a fresh git repo.
+
+The seed's 60 steps run in `make repro` (timed in bench/RESULTS.md); here each SFT stage takes 2 steps
+so the suite stays inside CI's budget. Everything else — DVC, the stages, llama.cpp — is the real thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.stagekit import ROOT
+
+pytestmark = pytest.mark.integration
+
+FAST = {
+    ("sft_stage1", "max_steps"): 2, ("sft_stage2", "max_steps"): 2,
+    ("evaluate", "mcq_limit"): 4, ("evaluate", "gen_limit"): 2, ("evaluate", "translation_limit"): 2,
+    ("evaluate", "max_new_tokens"): 12,
+}
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}"
+    e.update({"KMED_MLFLOW": "0", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "PYTHONPATH": ""})
+    return e
+
+
+def sh(repo: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(cmd), cwd=repo, env=env(), capture_output=True, text=True, timeout=1800)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def tree_digest(*folders: Path) -> dict[str, str]:
+    out = {}
+    for folder in folders:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                out[str(p)] = hashlib.md5(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:  # noqa: ANN001
+    """A fresh clone of the tracked tree with FAST params, after one complete `dvc repro`."""
+    repo = tmp_path_factory.mktemp("pipeline")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        src, dst = ROOT / rel, repo / rel
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(src.read_bytes())
+    for stale in ("dvc.lock",):
+        (repo / stale).unlink(missing_ok=True)
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    for (sec, key), v in FAST.items():
+        raw[sec][key] = v
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        sh(repo, *cmd)
+    sh(repo, "dvc", "repro")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro")
+    return repo
+
+
+def test_repro_writes_models_metrics_and_lock(repo: Path) -> None:
+    for p in ("models/base/model.safetensors", "models/stage1/adapter/adapter_model.safetensors",
+              "models/stage1/merged/config.json", "models/stage2/merged/config.json",
+              "models/export/model-q4_k_m.gguf", "models/export/model-q8_0.gguf", "models/export/README.md",
+              "models/export/Modelfile", "dvc.lock", "reports/eval.md", "reports/data_report.md"):
+        assert (repo / p).exists(), p
+    ev = json.loads((repo / "metrics/eval.json").read_text())
+    for model in ("base", "stage1", "stage2"):
+        for k in ("val1_loss", "val2_loss", "mcq_acc", "format_ok", "eos_stop", "chrf_ko2en", "chrf_en2ko"):
+            assert f"{model}.{k}" in ev, f"{model}.{k}"
+    ex = json.loads((repo / "metrics/export.json").read_text())
+    assert ex["q4_k_m.chat_stopped"] == 1 and ex["q8_0.chat_stopped"] == 1
+    assert ex["q8_0.token_agreement"] >= 0.8
+    shown = sh(repo, "dvc", "metrics", "show").stdout
+    assert "stage2.mcq_acc" in shown and "q4_k_m.ppl" in shown
+
+
+def test_gguf_metadata_checks_out(repo: Path) -> None:
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(repo / "models/stage2/merged")
+    for q in ("q4_k_m", "q8_0"):
+        r = GGUFReader(str(repo / f"models/export/model-{q}.gguf"))
+        f = {k: r.fields[k].contents() for k in ("general.architecture", "tokenizer.ggml.eos_token_id",
+                                                  "tokenizer.chat_template", "tokenizer.ggml.model",
+                                                  "tokenizer.ggml.pre", "GGUF.tensor_count")}
+        assert f["general.architecture"] == "llama"
+        assert f["GGUF.tensor_count"] == len(r.tensors) == 272
+        assert f["tokenizer.ggml.eos_token_id"] == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+        assert f["tokenizer.chat_template"] == tok.chat_template
+        assert (f["tokenizer.ggml.model"], f["tokenizer.ggml.pre"]) == ("gpt2", "smollm")
+
+
+def test_second_repro_is_up_to_date(repo: Path) -> None:
+    out = sh(repo, "dvc", "repro").stdout
+    assert "Running stage" not in out
+    assert "up to date" in out
+
+
+def test_bad_params_fail_with_one_sentence_and_touch_nothing(repo: Path) -> None:
+    before = tree_digest(repo / "models", repo / "metrics")
+    for setting, needle in (("lora.r=abc", "'lora.r'"), ("lora.rr=8", "unknown key 'lora.rr'")):
+        proc = sh(repo, "dvc", "exp", "run", "-S", setting, check=False)
+        assert proc.returncode != 0
+        assert needle in proc.stdout + proc.stderr
+        sh(repo, "git", "checkout", "--", "params.yaml")
+    assert tree_digest(repo / "models", repo / "metrics") == before
+
+
+def test_export_quantizations_change_reruns_export_only(repo: Path) -> None:
+    proc = sh(repo, "dvc", "exp", "run", "-S", "export.quantizations=[q8_0]")
+    ran = [line for line in proc.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'export':"], ran
+    assert not (repo / "models/export/model-q4_k_m.gguf").exists()
+    sh(repo, "dvc", "exp", "apply", "HEAD", check=False)
+    sh(repo, "git", "checkout", "--", ".")
+    sh(repo, "dvc", "checkout", "-f")
+
+
+def test_lora_r32_reruns_from_sft_stage1_and_shows_in_exp_show(repo: Path) -> None:
+    proc = sh(repo, "dvc", "exp", "run", "-n", "r32", "-S", "lora.r=32")
+    ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")]
+    assert "prepare-base" not in ran and "preprocess" not in ran
+    assert ran[0] == "sft-stage1" and {"sft-stage2", "merge@stage1", "merge@stage2", "evaluate", "export"} <= set(ran)
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    text = json.dumps(shown)
+    assert '"r": 32' in text and "stage2.mcq_acc" in text
