@@ -25,6 +25,16 @@ def mcq_accuracy(scores: Sequence[dict[str, float]], answers: Sequence[str]) -> 
     return hits / len(answers)
 
 
+_LETTER = re.compile(r"(?:정답|답|answer)?\s*[:：]?\s*\(?([A-E])\)?(?![A-Za-z])", re.I)
+
+
+def extract_letter(text: str) -> str | None:
+    """The answer letter from a generated answer ("정답: C", "Answer: (B)", "D. ..."), else None."""
+    ans = answer_text(text)
+    m = re.search(r"(?:정답|답|answer)\s*(?:은|는|:|：)?\s*\(?([A-E])(?![A-Za-z])", ans, re.I) or _LETTER.match(ans)
+    return m.group(1).upper() if m else None
+
+
 def check_format(text: str) -> dict[str, Any]:
     """R1 output format: exactly one well-formed <think>…</think> first, then a non-empty answer.
 

@@ -28,6 +28,7 @@ from kmed.evaluation import (
     bleu,
     check_format,
     chrf,
+    extract_letter,
     mcq_accuracy,
     mcq_question_text,
     regression_keys,
@@ -90,6 +91,10 @@ def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dic
         scores = mcq_scores(model, tok, system, items, ec.batch_size)
         m["mcq_acc"] = mcq_accuracy(scores, [it["answer"] for it in items])
         m["mcq_n"] = len(items)
+        if ec.mcq_generate:  # slower: let the model reason, then extract the letter it commits to
+            prompts = [render_prompt(system, mcq_question_text(it)) for it in items]
+            outs = greedy_generate(model, tok, prompts, ec.max_new_tokens, ec.batch_size)
+            m["mcq_gen_acc"] = sum(extract_letter(o["text"]) == it["answer"] for o, it in zip(outs, items, strict=True)) / max(len(items), 1)
 
         # Reasoning format on held-out medical questions.
         qs = sets["format_questions"]

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from kmed.data import parse_mcq_answer
-from kmed.evaluation import answer_text, bleu, check_format, chrf, mcq_accuracy, regression_keys
+from kmed.evaluation import (
+    answer_text,
+    bleu,
+    check_format,
+    chrf,
+    extract_letter,
+    mcq_accuracy,
+    regression_keys,
+)
 
 ITEMS = [
     {"options": {"A": "a", "B": "b", "C": "c", "D": "d", "E": "e"}, "answer": "C"},
@@ -74,3 +82,12 @@ def test_chrf_and_bleu_equal_sacrebleu() -> None:
 
 def test_regression_keys_cover_table() -> None:
     assert {"mcq_acc", "format_ok", "chrf_ko2en", "chrf_en2ko", "val1_loss", "val2_loss"} <= set(regression_keys())
+
+
+@pytest.mark.parametrize(
+    ("text", "letter"),
+    [("<think>x</think>\n정답: C", "C"), ("<think>x</think>\nAnswer: (b)", "B"), ("<think></think>\nD. 인슐린", "D"),
+     ("<think>x</think>\n정답은 E입니다", "E"), ("<think>x</think>\n모르겠습니다", None)],
+)
+def test_answer_letter_extraction(text: str, letter: str | None) -> None:
+    assert extract_letter(text) == letter
