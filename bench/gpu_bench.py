@@ -367,7 +367,7 @@ def cmd_stage(a: argparse.Namespace) -> dict[str, Any]:
     metrics_path = wd / "metrics/sft-stage1.json"
     if metrics_path.exists():
         m = json.loads(metrics_path.read_text())
-        row.update(stage_metrics={k: m.get(k) for k in ("tokens_per_s", "peak_mem_gib", "train_seconds", "steps",
+        row.update(stage_metrics={k: m.get(k) for k in ("tokens_per_s", "tokens_per_s_steady", "peak_mem_gib", "train_seconds", "steps",
                                                          "load_seconds", "train_loss_first", "train_loss_final",
                                                          "val_loss_start", "val_loss_final", "tokens_seen")})
     warm = max(3, a.steps // 4)
@@ -383,6 +383,8 @@ def cmd_stage(a: argparse.Namespace) -> dict[str, Any]:
     if cs is not None:
         row["curve_tok_s"] = round(cs, 1)
         row.setdefault("tok_s", row["curve_tok_s"])
+    if a.no_probe and (row.get("stage_metrics") or {}).get("tokens_per_s_steady"):
+        row["tok_s"] = round(row["stage_metrics"]["tokens_per_s_steady"], 1)  # the stage's own window clock
     if "peak_gib" not in row and "stage_metrics" in row:
         row["peak_gib"] = row["stage_metrics"].get("peak_mem_gib")
     card = row["card"]
@@ -566,6 +568,16 @@ def plan(name: str) -> list[tuple[str, dict[str, Any], float]]:
                 (S, dict(shape="7b", backend="unsloth", steps=16, packing="padding_free", lengths="realistic"), 85),
                 ("ref", dict(shape="7b", mode="hf", steps=8), 55),
                 (S, dict(shape="7b", backend="unsloth", steps=12, packing="bfd", lengths="realistic"), 85)]
+    if name == "gpu-verify":  # after the sync/packing fixes: the stage's own clock, no per-step probe
+        nf = dict(no_probe=True, lengths="fixed", packing="none")
+        return [("build", {"shape": "7b"}, 70),
+                (S, dict(shape="7b", backend="unsloth", steps=40, **nf), 110),
+                ("ref", dict(shape="7b", mode="unsloth", steps=12), 90),
+                (S, dict(shape="7b", backend="unsloth", steps=40, no_probe=True, packing="bfd", lengths="realistic"),
+                 110),
+                ("build", {"shape": "1.5b"}, 40),
+                (S, dict(shape="1.5b", backend="unsloth", steps=40, **nf), 90),
+                ("ref", dict(shape="1.5b", mode="unsloth"), 60)]
     if name == "gpu-14b":
         return [("build", {"shape": "14b"}, 120),
                 (S, dict(shape="14b", backend="unsloth", steps=12, **fixed), 180),
@@ -612,7 +624,7 @@ def cmd_suite(a: argparse.Namespace) -> None:
                 steps=kw.get("steps", 10), keep_going=True)
             if job == "stage":
                 ns.__dict__.update(backend=kw["backend"], packing=kw["packing"], lengths=kw["lengths"],
-                                   reload=kw.get("reload", False), no_probe=False,
+                                   reload=kw.get("reload", False), no_probe=kw.get("no_probe", False),
                                    workdir=str(Path(a.work_root) / f"job{i}"))
                 cmd_stage(ns)
             else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
+        force=True,  # unsloth configures logging on import; ours must still show
     )
     for noisy in ("urllib3", "filelock", "httpx", "botocore", "git", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -67,12 +69,22 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    # A kill between the two renames below leaves the previous output at `.old-*`: put it back.
+    for prev in final.parent.glob(f".{final.name}.old-*"):
+        if final.exists():
+            shutil.rmtree(prev, ignore_errors=True)
+        else:
+            prev.rename(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
+        full = no_space(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise StageError(f"No space left on device while writing {final} (partial copy removed, the previous "
+                             f"{final.name} is untouched); free space under {final.parent} and rerun.") from e
         raise
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
@@ -85,11 +97,37 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if no_space(e):
+            raise StageError(f"No space left on device while writing {path} (the previous file is untouched); "
+                             f"free space under {path.parent} and rerun.") from e
+        raise
     os.replace(tmp, path)
+
+
+def no_space(exc: BaseException, where: Path | None = None) -> bool:
+    """Whether `exc` (or what it was raised from) is a full disk or quota: ENOSPC/EDQUOT, the text
+    safetensors and tokenizers wrap it in, or torch.save's opaque writer error on a filesystem
+    (the one holding `where`) that has under 1 MiB left."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(e) for t in ("No space left on device", "os error 28", "Disk quota exceeded")):
+            return True
+        if where is not None and "inline_container" in str(e):  # torch's PytorchStreamWriter
+            with contextlib.suppress(OSError):
+                return shutil.disk_usage(where).free < 1 << 20
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from kmed.config import Params, load_params, resolved_dict
-from kmed.io import StageError, atomic_dir, lineage, read_jsonl, run_stage, write_json, write_text_atomic
+from kmed.io import (
+    StageError,
+    atomic_dir,
+    lineage,
+    no_space,
+    read_jsonl,
+    run_stage,
+    write_json,
+    write_text_atomic,
+)
 from kmed.tracking import Tracker
 
 log = logging.getLogger("stages.sft")
@@ -87,11 +96,10 @@ def packing_mode(setting: str) -> tuple[bool, bool]:
     the seed's samples-per-step. bfd: best-fit-decreasing packing up to max_length (more tokens per
     step). none: classic padded batches."""
     if setting == "auto":
-        import torch
-
-        # On CPU, sdpa's plain causal path beats the per-sample block mask of padding-free rows
-        # (303 vs 254 tok/s measured on the embedded default); on CUDA varlen attention makes it free.
-        setting = "padding_free" if torch.cuda.is_available() else "none"
+        # Measured (bench/RESULTS.md): padded batches beat padding-free rows on CPU (303 vs 254 tok/s,
+        # sdpa's causal fast path) and on the H200 with Unsloth 2026.10.9 and no flash-attn
+        # (4,366 vs 3,179 tok/s at 7B, same losses) — padding-free skips Unsloth's compiled blocks.
+        setting = "none"
     return {"padding_free": (False, True), "bfd": (True, True), "none": (False, False)}[setting]
 
 
@@ -124,9 +132,27 @@ def checkpoint_complete(ck: Path) -> bool:
         with safe_open(str(ck / "adapter_model.safetensors"), "pt") as f:
             for k in f.keys():
                 f.get_tensor(k)
-        return all((ck / n).exists() for n in ("optimizer.pt", "scheduler.pt"))
+        return all((ck / n).exists() for n in ("optimizer.pt", "scheduler.pt")) and resume_pickles_load(ck)
     except Exception:
         return False
+
+
+def resume_pickles_load(ck: Path) -> bool:
+    """The pickled files a resume reads (optimizer, scheduler, RNG, scaler) must load as plain tensors
+    (`weights_only`, as the Trainer loads them): a file planted or damaged in the checkpoint folder
+    fails here, is never unpickled further, and the checkpoint is skipped instead of crashing resume."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt"):
+        if (ck / name).exists():
+            try:
+                with safe_globals():
+                    torch.load(ck / name, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                log.warning("%s/%s does not load as plain tensors (%s)", ck, name, type(e).__name__)
+                return False
+    return True
 
 
 def newest_complete_checkpoint(ckdir: Path, fp: str) -> Path | None:
@@ -257,8 +283,16 @@ class TokenCounter:
     gradient-accumulation window before the step begins, so collation time is not step time."""
 
     def __init__(self, model: Any) -> None:
-        self.tokens = 0
+        self._done, self._pending = 0, []
         model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    @property
+    def tokens(self) -> int:
+        """Resolved lazily: a per-forward .item() would sync the GPU and stall the next launch."""
+        if self._pending:
+            self._done += int(sum(int(x) for x in self._pending))
+            self._pending = []
+        return self._done
 
     def _hook(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
         if module.training:
@@ -267,9 +301,9 @@ class TokenCounter:
     def count(self, inputs: dict[str, Any]) -> None:
         mask, ids = inputs.get("attention_mask"), inputs.get("input_ids")
         if mask is not None:
-            self.tokens += int(mask.sum())
+            self._pending.append(mask.sum())
         elif ids is not None:  # padding-free rows carry no pad tokens
-            self.tokens += int(ids.numel())
+            self._pending.append(ids.numel())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +350,11 @@ def make_callback(tracker: Tracker, counter: TokenCounter, patience: int, consol
                 self.bad = 0
 
     return Records()
+
+
+def steady_tps(curve: list[dict[str, Any]]) -> float | None:
+    rows = [r["tokens_per_s"] for r in curve[len(curve) // 4 :] if r["tokens_per_s"] > 0]
+    return sorted(rows)[len(rows) // 2] if rows else None
 
 
 def selective_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
@@ -426,7 +465,10 @@ def main() -> None:
     args = SFTConfig(
         output_dir=str(ckdir), per_device_train_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, warmup_steps=t.warmup_steps,
-        max_steps=max_steps, learning_rate=t.learning_rate, bf16=bf16, fp16=False, logging_steps=1,
+        max_steps=max_steps, learning_rate=t.learning_rate, bf16=bf16, fp16=False,
+        # Every step on CPU (free there); on CUDA every train.logging_steps: a per-step loss read
+        # syncs the GPU and stalls the next step's kernel launches.
+        logging_steps=t.logging_steps if torch.cuda.is_available() else 1,
         optim=t.optim, weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler_type, seed=t.seed,
         data_seed=t.seed, max_grad_norm=t.max_grad_norm, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, report_to=[], packing=packing,
@@ -449,6 +491,11 @@ def main() -> None:
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except torch.cuda.OutOfMemoryError as e:
             raise StageError(f"CUDA out of memory in sft-{stage}: {OOM_HINT}.") from e
+        except Exception as e:
+            if no_space(e, ckdir):
+                raise StageError(f"No space left on device while saving a checkpoint under {ckdir} (earlier "
+                                 "complete checkpoints are kept and resumed from); free space there and rerun.") from e
+            raise
         if cb.nan_step is not None:
             raise StageError(
                 f"sft-{stage}: loss became non-finite at step {cb.nan_step}; no adapter was promoted "
@@ -478,6 +525,8 @@ def main() -> None:
             "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
             "tokens_seen": counter.tokens,
             "tokens_per_s": counter.tokens / max(train_s, 1e-9),
+            # median over logged windows after the first quarter (compilation, warm-up)
+            "tokens_per_s_steady": steady_tps(curve),
             "train_seconds": round(train_s, 1),
             "load_seconds": round(t_train - t_load, 1),
             "peak_mem_gib": max((r["peak_mem_gib"] for r in curve), default=0.0),
