@@ -3,7 +3,8 @@
 On by default against a local store inside the repo (`mlruns/`, git-ignored); MLFLOW_TRACKING_URI
 points it elsewhere (e.g. a team `mlflow server`). Each stage is one run, nested under a parent run
 per DVC experiment (name from DVC_EXP_NAME, set by `dvc exp run`). If the server is unreachable the
-stage still completes and a warning says what was not logged.
+stage still completes and a warning says what was not logged. After the first call that cannot reach
+the server the stage stops talking to it (one request timeout at most, not one per training step).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Tracker:
         self.uri = os.environ.get("MLFLOW_TRACKING_URI") or _local_uri(cfg.tracking_uri)
         self.exp_name = os.environ.get("DVC_EXP_NAME") or "workspace"
         self.missed: list[str] = []
+        self.error: str | None = None  # the first failure, for the warning
         self._mlflow: Any = None
         self._run: Any = None
 
@@ -51,9 +53,13 @@ class Tracker:
 
             mlflow.set_tracking_uri(self.uri)
             mlflow.set_experiment(self.cfg.experiment)
-            parent = self._parent_run(mlflow)
-            tags = {"stage": self.stage, "dvc_exp": self.exp_name, "git_commit": git_revision(),
-                    "mlflow.parentRunId": parent}
+            tags = {"stage": self.stage, "dvc_exp": self.exp_name, "git_commit": git_revision()}
+            if os.environ.get("DVC_EXP_BASELINE_REV"):
+                tags["dvc_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+            try:
+                tags["mlflow.parentRunId"] = self._parent_run(mlflow)
+            except Exception as e:  # grouping is a convenience: log the stage run ungrouped
+                self._note("parent run", e)
             self._run = mlflow.start_run(run_name=f"{self.exp_name}/{self.stage}", tags=tags, nested=False)
             self._mlflow = mlflow
             self._call("params", lambda: mlflow.log_params(_scrub({k: _short(v) for k, v in flat(self.params).items()})))
@@ -65,15 +71,15 @@ class Tracker:
         if self._mlflow is not None:
             self._call("run end", lambda: self._mlflow.end_run("FAILED" if exc_type else "FINISHED"))
         if self.missed:
-            log.warning("MLflow at %s did not record: %s (metrics are on disk under metrics/)", self.uri,
-                        ", ".join(dict.fromkeys(self.missed)))
+            log.warning("MLflow at %s did not record: %s (metrics are on disk under metrics/); first error: %s",
+                        self.uri, ", ".join(dict.fromkeys(self.missed)), self.error)
 
     def _parent_run(self, mlflow: Any) -> str:
         client = mlflow.tracking.MlflowClient()
         exp = client.get_experiment_by_name(self.cfg.experiment)
         found = client.search_runs(
             [exp.experiment_id],
-            filter_string=f"tags.kmed_parent = 'true' and tags.dvc_exp = '{self.exp_name}'",
+            filter_string=f"tags.kmed_parent = 'true' and tags.dvc_exp = {_quote(self.exp_name)}",
             max_results=1,
         )
         if found:
@@ -84,20 +90,29 @@ class Tracker:
         return run.info.run_id
 
     # -- logging ---------------------------------------------------------------------------
-    def _fail(self, what: str, e: Exception) -> None:
+    def _note(self, what: str, e: Exception) -> None:
         self.missed.append(what)
-        if self._mlflow is None or what == "the whole run":
-            self.enabled = False
+        if self.error is None:
+            msg = " ".join(str(e).split())
+            self.error = f"{type(e).__name__}: {msg[:300]}"
         log.debug("mlflow %s failed: %r", what, e)
 
+    def _fail(self, what: str, e: Exception) -> None:
+        # Stop talking to an unreachable server: a hung one would otherwise cost a timeout per step.
+        self._note(what, e)
+        self.enabled = False
+
     def _call(self, what: str, fn: Any) -> None:
-        if not self.enabled and what != "run end":
+        if not self.enabled and not (what == "run end" and self._mlflow is not None):
             self.missed.append(what)
             return
         try:
             fn()
         except Exception as e:
-            self._fail(what, e)
+            if _unreachable(e):
+                self._fail(what, e)
+            else:  # the server answered (e.g. a rejected value): keep logging the rest
+                self._note(what, e)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         clean = {k.replace("@", "_"): float(v) for k, v in metrics.items() if isinstance(v, int | float)}
@@ -106,6 +121,24 @@ class Tracker:
     def log_artifact(self, path: str | Path) -> None:
         if Path(path).exists():
             self._call(f"artifact {path}", lambda: self._mlflow.log_artifact(str(path)))
+
+
+def _unreachable(e: BaseException | None) -> bool:
+    """A transport failure (refused, reset, timed out) somewhere in the chain, not an answer from MLflow."""
+    import requests
+
+    for _ in range(10):
+        if e is None:
+            return False
+        if isinstance(e, requests.exceptions.RequestException | OSError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _quote(s: str) -> str:
+    """A string literal for an MLflow filter (git ref names may contain a single quote)."""
+    return f'"{s}"' if "'" in s else f"'{s}'"
 
 
 def _short(v: Any) -> str:

@@ -213,7 +213,8 @@ def build_model(backend: str, start: Path, params: Params, bf16: bool) -> tuple[
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16,
         )
-        kw["device_map"] = {"": 0}
+        # One process per GPU under `accelerate launch` / torchrun: each loads onto its own device.
+        kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
         notes["quantization"] = "bitsandbytes-nf4"
     else:
         if params.model.load_in_4bit:
@@ -475,7 +476,7 @@ def main() -> None:
         max_length=max_len if packing else None,  # encode_records already cut each sample to max_len
         packing_strategy="bfd", padding_free=padding_free, logging_nan_inf_filter=False, dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, disable_tqdm=False,
-        dataset_num_proc=None, save_only_model=False,
+        dataset_num_proc=None, save_only_model=False, ddp_find_unused_parameters=False,
     )
     curve: list[dict[str, Any]] = []
     t_train = time.time()
@@ -502,6 +503,8 @@ def main() -> None:
                 "(lower train.learning_rate or check the data)."
             )
         train_s = time.time() - t_train
+        if not trainer.is_world_process_zero():
+            return  # under DDP only rank 0 evaluates, saves and records
 
         # Save: adapter into a temporary sibling, renamed when whole.
         val_after = masked_loss(model, val_enc, 8, tok.pad_token_id) if val_enc else None

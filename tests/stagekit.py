@@ -69,3 +69,56 @@ def write_split(workdir: Path, stage: str, train: list[dict[str, str]], val: lis
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Local servers for integration tests (moto S3, mlflow server)
+# ---------------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port that was free on loopback a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Poll `url` until it answers 200; fail early if the server process died."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM the server's process group (mlflow server forks workers), SIGKILL if it lingers."""
+    import signal
+
+    own_group = proc.poll() is None and os.getpgid(proc.pid) == proc.pid  # started with start_new_session
+
+    def kill(sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig) if own_group else proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    if proc.poll() is None:
+        kill(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    kill(signal.SIGKILL)  # stragglers in the group, if any
+    proc.wait(timeout=grace)
