@@ -85,6 +85,9 @@ def test_repro_writes_models_metrics_and_lock(repo: Path) -> None:
     for model in ("base", "stage1", "stage2"):
         for k in ("val1_loss", "val2_loss", "mcq_acc", "format_ok", "eos_stop", "chrf_ko2en", "chrf_en2ko"):
             assert f"{model}.{k}" in ev, f"{model}.{k}"
+    for stage in ("stage1", "stage2"):  # merged logits == base+adapter logits (bounds in params `merge`)
+        mg = json.loads((repo / f"metrics/merge-{stage}.json").read_text())
+        assert mg["parity_max_abs"] < 0.05 and mg["parity_kl"] < 1e-3
     ex = json.loads((repo / "metrics/export.json").read_text())
     assert ex["q4_k_m.chat_stopped"] == 1 and ex["q8_0.chat_stopped"] == 1
     assert ex["q8_0.token_agreement"] >= 0.8
