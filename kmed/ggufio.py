@@ -101,6 +101,17 @@ def check_chat_template(template: str) -> None:
     for node in ast.find_all(nodes.Getattr):
         if node.attr.startswith("_"):
             raise StageError(f"chat template reads private attribute {node.attr!r}.")
+    # The same attributes by other routes: x['__init__'], x|attr('__class__'), x|map(attribute='__class__').
+    for node in ast.find_all(nodes.Getitem):
+        if isinstance(node.arg, nodes.Const) and str(node.arg.value).startswith("_"):
+            raise StageError(f"chat template reads private attribute {node.arg.value!r}.")
+    for node in ast.find_all((nodes.Filter, nodes.Test)):
+        consts = [a.value for a in [*node.args, *(k.value for k in node.kwargs)] if isinstance(a, nodes.Const)]
+        if node.name == "attr" or "attr" in consts:
+            raise StageError("chat template uses the 'attr' filter, which a chat template never needs.")
+        for c in consts:
+            if isinstance(c, str) and c.startswith("_"):
+                raise StageError(f"chat template reads private attribute {c!r} through filter {node.name!r}.")
     for node in ast.find_all(nodes.Call):
         f = node.node
         name = f.name if isinstance(f, nodes.Name) else f.attr if isinstance(f, nodes.Getattr) else None

@@ -206,9 +206,7 @@ def materialize_base(cfg: ModelCfg, out: Path) -> dict[str, Any]:
 
 def check_tokenizer(folder: Path) -> dict[str, Any]:
     """The checks a base must pass before training: eos, pad and a chat template."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = _auto_tokenizer(folder)
     if tok.eos_token is None:
         raise StageError(f"{folder}: tokenizer has no eos token.")
     if tok.pad_token is None:
@@ -218,10 +216,22 @@ def check_tokenizer(folder: Path) -> dict[str, Any]:
     return {"eos_token": tok.eos_token, "pad_token": tok.pad_token, "vocab_size": len(tok)}
 
 
-def load_tokenizer(folder: str | Path) -> Any:
+def _auto_tokenizer(folder: str | Path) -> Any:
+    """AutoTokenizer with trust_remote_code=False said out loud: left unset, transformers asks on stdin
+    whether to run a folder's custom code (and runs it on "y")."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise StageError(f"{folder}: the tokenizer needs custom code from the model folder, which is never run "
+                         "for a tokenizer; refusing it.") from None
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    tok = _auto_tokenizer(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -488,8 +488,16 @@ def main() -> None:
         trainer.add_callback(cb)
         if resume:
             log.info("resuming from %s", resume)
+        # A kill after the last checkpoint (global_step == max_steps) but before promotion: training is
+        # done. Resumed mid-epoch, the Trainer would still take one more step (it checks max_steps only
+        # after a step), so the rerun takes that checkpoint's adapter as the uninterrupted run would.
+        finished = resume is not None and json.loads((resume / "trainer_state.json").read_text())["global_step"] >= max_steps
         try:
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            if finished:
+                load_adapter_weights(model, resume)
+                trainer.state.global_step = max_steps
+            else:
+                trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except torch.cuda.OutOfMemoryError as e:
             raise StageError(f"CUDA out of memory in sft-{stage}: {OOM_HINT}.") from e
         except Exception as e:

@@ -1,0 +1,301 @@
+"""Bad inputs end to end: `dvc repro -s preprocess` in a git+dvc repo with the real pipeline.
+
+A bad input fails the stage with one sentence naming the file (and row/cell where there is one), and
+loses nothing: data/processed, reports, metrics and dvc.lock from the previous good run stay
+byte-identical. Inputs with a documented handling (CP949 text, duplicates, overlong records, RRNs)
+go through and are counted in metrics/data.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.reliability import kit
+from tests.reliability.conftest import PipelineRepo
+
+pytestmark = pytest.mark.reliability
+
+OUTSIDE_ROWS = '{"instruction": "외부 파일", "input": "", "output": "이 파일은 저장소 밖에 있습니다."}\n'
+
+
+def _stage2_source(
+    repo: PipelineRepo,
+    path: str,
+    kind: str = "jsonl",
+    task: str = "instruction",
+    fields: dict[str, str] | None = None,
+) -> None:
+    """Replace the Korean-instruction source of stage 2 with one at `path`."""
+    import yaml
+
+    raw = yaml.safe_load((repo.path / "params.yaml").read_text())
+    src = raw["data"]["stage2"]["sources"][0]
+    src.update({"path": path, "kind": kind, "task": task})
+    if fields is not None:
+        src["fields"] = fields
+    (repo.path / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
+
+
+def empty_file(repo: PipelineRepo, tmp: Path) -> str:
+    (repo.path / "data/samples/ko_instructions.jsonl").write_text("")
+    return "data/samples/ko_instructions.jsonl: the file is empty."
+
+
+def wrong_columns(repo: PipelineRepo, tmp: Path) -> str:
+    f = repo.path / "data/samples/medical_reasoning.jsonl"
+    f.write_text(f.read_text(encoding="utf-8").replace('"Question":', '"Query":'), encoding="utf-8")
+    return "data/samples/medical_reasoning.jsonl line 1: missing column 'Question' (found: 'Query', "
+
+
+def formula_cell(repo: PipelineRepo, tmp: Path) -> str:
+    import openpyxl
+
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.title = "S"
+    for row in (
+        ["ID", "원문", "번역문"],
+        ["F-1", "두통이 심해요.", "I have a bad headache."],
+        ["F-2", "기침이 나요.", '=B3&" (translated)"'],
+    ):
+        ws.append(row)
+    wb.save(repo.path / "data/samples/aihub_koen/formula.xlsx")
+    return (
+        "data/samples/aihub_koen/formula.xlsx sheet 'S' cell C3: formula '=B3&\" (translated)\"' has no "
+        "cached value"
+    )
+
+
+def dotdot_path(repo: PipelineRepo, tmp: Path) -> str:
+    (repo.path.parent / "outside.jsonl").write_text(OUTSIDE_ROWS)
+    _stage2_source(repo, "../outside.jsonl")
+    return "source 'kocommercial_sample': path '../outside.jsonl' escapes the repository root"
+
+
+def absolute_path(repo: PipelineRepo, tmp: Path) -> str:
+    (tmp / "outside.jsonl").write_text(OUTSIDE_ROWS)
+    _stage2_source(repo, str(tmp / "outside.jsonl"))
+    return f"source 'kocommercial_sample': path '{tmp / 'outside.jsonl'}' escapes the repository root"
+
+
+def symlink_out(repo: PipelineRepo, tmp: Path) -> str:
+    (tmp / "outside.jsonl").write_text(OUTSIDE_ROWS)
+    os.symlink(tmp / "outside.jsonl", repo.path / "data/raw/linked.jsonl")
+    _stage2_source(repo, "data/raw/linked.jsonl")
+    return "source 'kocommercial_sample': 'data/raw/linked.jsonl' resolves outside the repository root"
+
+
+CASES: dict[str, Callable[[PipelineRepo, Path], str]] = {
+    "empty file": empty_file,
+    "wrong columns": wrong_columns,
+    "formula cell": formula_cell,
+    "path with ..": dotdot_path,
+    "absolute path": absolute_path,
+    "symlink out of the repo": symlink_out,
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_fails_with_one_sentence_and_loses_nothing(
+    pipeline_repo: PipelineRepo, tmp_path: Path, case: str
+) -> None:
+    repo = pipeline_repo
+    before = repo.outputs()
+    expected = CASES[case](repo, tmp_path)
+    proc = repo.repro(check=False)
+    assert proc.returncode != 0
+    (err,) = kit.error_lines(proc.stderr)  # the stage's one sentence (DVC adds its own "failed to reproduce")
+    assert err.startswith(expected), err
+    assert "Traceback" not in proc.stderr
+    assert repo.outputs() == before  # data/processed, reports, metrics and dvc.lock: untouched
+    assert not kit.siblings(repo.path / "data/processed")
+
+
+def _xlsx_bomb(path: Path, mib: int) -> None:
+    """A zip whose one sheet inflates to ~`mib` MiB of a single row of cells (~1000:1)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        zf.writestr(
+            "[Content_Types].xml",
+            '<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/'
+            'package/2006/content-types"/>',
+        )
+        with zf.open("xl/worksheets/sheet1.xml", "w", force_zip64=True) as fh:
+            fh.write(b'<worksheet><sheetData><row r="1">')
+            cell = b'<c t="inlineStr"><is><t>A</t></is></c>' * 25_000  # ~1 MiB
+            for _ in range(mib):
+                fh.write(cell)
+            fh.write(b"</row></sheetData></worksheet>")
+
+
+def test_xlsx_bomb_is_refused_quickly_without_inflating_it(
+    pipeline_repo: PipelineRepo, tmp_path: Path
+) -> None:
+    repo = pipeline_repo
+    before = repo.outputs()
+    bomb = repo.path / "data/raw/bomb.xlsx"
+    _xlsx_bomb(bomb, 512)
+    assert bomb.stat().st_size < 2 << 20
+    _stage2_source(
+        repo, "data/raw/bomb.xlsx", kind="xlsx", task="translation", fields={"ko": "원문", "en": "번역문"}
+    )
+    # dvc and the stage under a wrapper that reports the peak RSS of its children; killed as a group if slow.
+    wrapper = (
+        "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+        "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+        "sys.exit(rc)"
+    )
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", wrapper, sys.executable, "-m", "dvc", "repro", "-s", "preprocess"],
+        cwd=repo.path,
+        env=kit.base_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("the xlsx bomb was not refused within 120 s") from None
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    (err,) = kit.error_lines(stderr)
+    size = re.fullmatch(
+        r"data/raw/bomb\.xlsx: uncompressed size (\d+\.\d) MB exceeds data\.max_xlsx_mb=50; "
+        r"refusing to open it\.",
+        err,
+    )
+    assert size and float(size[1]) > 400, err
+    peak_mib = int(next(ln.split()[1] for ln in stderr.splitlines() if ln.startswith("MAXRSS_KB"))) / 1024
+    assert peak_mib < 1536, (
+        f"peak RSS {peak_mib:.0f} MiB"
+    )  # the stage's usual footprint, not the 512 MiB sheet
+    assert elapsed < 60, elapsed  # stage start-up (torch, tokenizer) dominates; the refusal itself is instant
+    assert repo.outputs() == before
+
+
+CP949_ROWS = [  # instruction, input, output
+    (
+        "두통이 사흘째 계속되는 환자에게 먼저 확인할 것은 무엇인가요?",
+        "",
+        "발열, 신경학적 이상, 갑작스러운 발생 여부를 먼저 확인합니다.",
+    ),
+    (
+        "환자 주민등록번호 800101-1234567 을 확인한 뒤 처방전을 발급해 주세요.",
+        "",
+        "본인 확인 후 처방전을 발급합니다.",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def messy_run(pipeline_repo_session: PipelineRepo) -> dict:
+    """One good `dvc repro` over inputs that need the documented handling: a CP949 CSV with an RRN and
+    duplicate rows, and a reasoning record far longer than model.max_seq_length."""
+    import yaml
+
+    repo = pipeline_repo_session
+    assert repo.outputs() == repo.committed  # type: ignore[attr-defined]
+    p = repo.path
+    try:
+        lines = ["instruction,input,output"] + [f'"{i}","{n}","{o}"' for i, n, o in CP949_ROWS]
+        lines += [lines[1]] * 3  # three exact duplicates of the first row
+        lines += [
+            '"두통이  사흘째 계속되는 환자에게 먼저 확인할 것은 무엇인가요?","","발열, 신경학적 이상, 갑작스러운 발생 여부를 먼저 확인합니다."'
+        ]
+        (p / "data/raw/cp949.csv").write_bytes(("\r\n".join(lines) + "\r\n").encode("cp949"))
+        raw = yaml.safe_load((p / "params.yaml").read_text())
+        raw["data"]["stage2"]["sources"].append(
+            {"name": "cp949_csv", "kind": "csv", "path": "data/raw/cp949.csv", "task": "instruction"}
+        )
+        (p / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
+        long_cot = " ".join(
+            f"Step {i}: consider the differential and rule out a serious cause." for i in range(300)
+        )
+        with (p / "data/samples/medical_reasoning.jsonl").open("a", encoding="utf-8") as f:
+            f.write(
+                json.dumps(
+                    {
+                        "Question": "An overlong case: what is the first step for acute chest pain?",
+                        "Complex_CoT": long_cot,
+                        "Response": "Obtain a 12-lead ECG within 10 minutes.",
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+        lock = (p / "dvc.lock").read_bytes()
+        proc = repo.repro()
+        processed = {
+            f.relative_to(p / "data/processed").as_posix(): f.read_text(encoding="utf-8")
+            for f in (p / "data/processed").rglob("*.jsonl")
+        }
+        reports = {f.name: f.read_text(encoding="utf-8") for f in (p / "reports").iterdir()}
+        yield {
+            "proc": proc,
+            "metrics": json.loads((p / "metrics/data.json").read_text()),
+            "processed": processed,
+            "reports": reports,
+            "lock_changed": (p / "dvc.lock").read_bytes() != lock,
+            "status": repo.dvc("status", "preprocess").stdout,
+            "verify": kit.verify(p),
+        }
+    finally:
+        repo.reset()
+
+
+def _records(run: dict, stage: str) -> list[dict]:
+    return [
+        json.loads(line)
+        for split in ("train", "val")
+        for line in run["processed"][f"{stage}/{split}.jsonl"].splitlines()
+        if line.strip()
+    ]
+
+
+def test_cp949_csv_is_read_correctly(messy_run: dict) -> None:
+    assert "data/raw/cp949.csv: decoded as CP949" in messy_run["proc"].stderr
+    prompts = "\n".join(r["prompt"] for r in _records(messy_run, "stage2"))
+    assert CP949_ROWS[0][0] in prompts  # Hangul intact, not mojibake
+    assert messy_run["metrics"]["stage2.rows_in.cp949_csv"] == 6
+    assert messy_run["lock_changed"] and "up to date" in messy_run["status"]
+    assert messy_run["verify"].returncode == 0, messy_run["verify"].stdout
+
+
+def test_duplicates_are_dropped_and_counted(messy_run: dict) -> None:
+    m = messy_run["metrics"]
+    assert m["stage2.duplicates.exact"] == 3 and m["stage2.duplicates.normalized"] == 1
+    assert m["stage2.rows_out.cp949_csv"] == 2
+    prompts = [r["prompt"] for r in _records(messy_run, "stage2")]
+    assert sum(CP949_ROWS[0][0] in p for p in prompts) == 1
+
+
+def test_rrn_is_masked_by_default(messy_run: dict) -> None:
+    assert messy_run["metrics"]["stage2.pii.rrn"] == 1
+    everything = "\n".join(
+        [*messy_run["processed"].values(), *messy_run["reports"].values(), json.dumps(messy_run["metrics"])]
+    )
+    assert "800101-1234567" not in everything and "1234567" not in everything
+    assert any("******-*******" in r["prompt"] for r in _records(messy_run, "stage2"))
+
+
+def test_overlong_record_is_truncated_to_fit(messy_run: dict) -> None:
+    m = messy_run["metrics"]
+    assert m["stage1.truncated"] >= 1 and m["stage1.tokens_max"] <= 192
+    (rec,) = [r for r in _records(messy_run, "stage1") if "An overlong case" in r["prompt"]]
+    assert rec["completion"].endswith("Obtain a 12-lead ECG within 10 minutes.<|im_end|>")
+    assert "</think>" in rec["completion"] and rec["n_tokens"] <= 192
