@@ -37,7 +37,8 @@ class Tracker:
     def __init__(self, cfg: MlflowCfg, stage: str, params: dict[str, Any]) -> None:
         self.cfg, self.stage, self.params = cfg, stage, params
         self.enabled = cfg.enabled and os.environ.get("KMED_MLFLOW", "1") != "0"
-        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or _local_uri(cfg.tracking_uri)
+        self.switched_off = not self.enabled  # off by config: nothing to warn about
+        self.uri = (os.environ.get("MLFLOW_TRACKING_URI") or _local_uri(cfg.tracking_uri)) if self.enabled else ""
         self.exp_name = os.environ.get("DVC_EXP_NAME") or "workspace"
         self.missed: list[str] = []
         self.error: str | None = None  # the first failure, for the warning
@@ -104,7 +105,8 @@ class Tracker:
 
     def _call(self, what: str, fn: Any) -> None:
         if not self.enabled and not (what == "run end" and self._mlflow is not None):
-            self.missed.append(what)
+            if not self.switched_off:
+                self.missed.append(what)
             return
         try:
             fn()
