@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +124,18 @@ def stop_process(proc: subprocess.Popen, grace: float = 10) -> None:
             pass
     kill(signal.SIGKILL)  # stragglers in the group, if any
     proc.wait(timeout=grace)
+
+
+@contextlib.contextmanager
+def moto_s3_server(log_dir: Path) -> Iterator[str]:
+    """moto's standalone S3 server (a real HTTP S3 endpoint) on a free loopback port; always stopped."""
+    port = free_port()
+    with (log_dir / "moto.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_http(url + "/moto-api/", proc, timeout=60)
+            yield url
+        finally:
+            stop_process(proc)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.stagekit import free_port, stop_process, wait_http
+from tests.stagekit import moto_s3_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PUSHED = ("data/processed", "models/stage1/adapter")  # what the temp pipeline pushes
@@ -78,17 +78,8 @@ DVC_YAML = """stages:
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's standalone S3 server on a free loopback port; always stopped."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/moto-api/", proc, timeout=60)
+    with moto_s3_server(tmp_path_factory.mktemp("moto")) as url:
         yield url
-    finally:
-        stop_process(proc)
-        log.close()
 
 
 def _aws_env() -> dict[str, str]:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.reliability import kit
-from tests.stagekit import free_port, stop_process, tiny_records, wait_http, write_params, write_split
+from tests.stagekit import moto_s3_server, tiny_records, write_params, write_split
 
 SFT_FAST = {
     "train.max_steps": 6,
@@ -192,21 +191,8 @@ AWS = {
 @pytest.fixture(scope="session")
 def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's standalone S3 server on a free loopback port; always stopped."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/moto-api/", proc, timeout=60)
+    with moto_s3_server(tmp_path_factory.mktemp("moto")) as url:
         yield url
-    finally:
-        stop_process(proc)
-        log.close()
 
 
 GEN_PY = '''"""Toy stage: python gen.py N  (N files of 4 KiB under out/, plus model.bin)"""
