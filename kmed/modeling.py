@@ -8,6 +8,7 @@ safetensors are ever loaded: pickle files (`.bin`, `.pt`, `.pth`, ...) are refus
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -52,6 +53,28 @@ def refuse_pickles(folder: Path) -> None:
     if bad:
         raise StageError(
             f"{folder}: refusing pickle weights {bad[0]!r} (only safetensors are loaded; convert it first)."
+        )
+
+
+def refuse_unsafe_model(folder: Path, trust_remote_code: bool = False) -> None:
+    """Before any loader sees `folder`: no pickles, and no custom code unless the params allow it.
+
+    Checked here rather than left to transformers, whose refusal is a traceback (and, with the flag
+    unset, an interactive prompt that runs the code on "y"); Unsloth's loader is covered the same way.
+    """
+    folder = Path(folder)
+    refuse_pickles(folder)
+    cfg = folder / "config.json"
+    if trust_remote_code or not cfg.is_file():
+        return
+    try:
+        auto_map = json.loads(cfg.read_text(encoding="utf-8")).get("auto_map")
+    except (ValueError, AttributeError):
+        raise StageError(f"{cfg}: not a JSON object; the model folder is damaged.") from None
+    if auto_map:
+        raise StageError(
+            f"{cfg}: the model needs custom code (auto_map) and model.trust_remote_code is false; refusing to "
+            "run it (allow-list the repo at a pinned revision in model.trust_remote_code_allow to permit it)."
         )
 
 
@@ -242,7 +265,7 @@ def load_causal_lm(folder: str | Path, dtype: Any = None, device: str = "cpu", t
     import torch
     from transformers import AutoModelForCausalLM
 
-    refuse_pickles(Path(folder))
+    refuse_unsafe_model(Path(folder), trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         str(folder),
         dtype=dtype or torch.float32,

@@ -75,7 +75,7 @@ def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dic
     if not (folder / "config.json").exists():
         raise StageError(f"{folder} is missing; run the earlier stages first (`dvc repro`).")
     tok = load_tokenizer(folder)
-    model = load_causal_lm(folder, dtype=torch.float32)
+    model = load_causal_lm(folder, dtype=torch.float32, trust_remote_code=params.model.trust_remote_code)
     m: dict[str, float] = {}
     gens: list[dict[str, Any]] = []
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):

@@ -143,7 +143,7 @@ def main() -> None:
     check_chat_template(tok.chat_template or "")
 
     # Reference: the merged HF model's greedy continuations and perplexity.
-    hf = load_causal_lm(SRC, dtype=torch.float32)
+    hf = load_causal_lm(SRC, dtype=torch.float32, trust_remote_code=params.model.trust_remote_code)
     prompts = [render_prompt(params.data.system_prompt, q) for q in QUESTIONS]
     ref = [g["ids"] for g in greedy_generate(hf, tok, prompts, ec.parity_tokens, batch_size=1)]
     texts = heldout_ids(tok)

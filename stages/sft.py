@@ -178,6 +178,9 @@ def build_model(backend: str, start: Path, params: Params, bf16: bool) -> tuple[
     """Return (peft model, tokenizer, notes on what differs between backends)."""
     notes: dict[str, Any] = {"backend": backend}
     lc = params.lora
+    from kmed.modeling import load_tokenizer, refuse_unsafe_model
+
+    refuse_unsafe_model(start, params.model.trust_remote_code)
     if backend == "unsloth":
         from unsloth import FastLanguageModel  # must be imported before transformers/trl
 
@@ -199,9 +202,6 @@ def build_model(backend: str, start: Path, params: Params, bf16: bool) -> tuple[
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from kmed.modeling import load_tokenizer, refuse_pickles
-
-    refuse_pickles(start)
     tok = load_tokenizer(start)
     cuda = torch.cuda.is_available()
     kw: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": params.model.trust_remote_code,

@@ -10,7 +10,7 @@ import pytest
 
 from kmed.config import ModelCfg
 from kmed.io import StageError
-from kmed.modeling import embedded_gguf, hub_snapshot, materialize_base, refuse_pickles
+from kmed.modeling import embedded_gguf, hub_snapshot, materialize_base, refuse_pickles, refuse_unsafe_model
 
 TEXTS = [
     "65세 남성이 갑작스러운 흉통과 식은땀을 호소합니다. 심전도에서 ST 분절 상승이 보입니다.",
@@ -78,6 +78,15 @@ def test_pickle_weights_refused_and_never_loaded(tmp_path: Path) -> None:
     with pytest.raises(StageError, match="refusing pickle"):
         materialize_base(ModelCfg(base=str(tmp_path)), tmp_path / "out")
     assert not marker.exists()
+
+
+def test_custom_code_refused_unless_trusted(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "x", "auto_map": {"AutoModelForCausalLM": "m.X"}}')
+    with pytest.raises(StageError, match=r"needs custom code \(auto_map\) and model.trust_remote_code is false"):
+        refuse_unsafe_model(tmp_path)
+    refuse_unsafe_model(tmp_path, trust_remote_code=True)  # allowed (config.py checks the allow-list)
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    refuse_unsafe_model(tmp_path)
 
 
 def test_hub_path_resolves_a_pinned_snapshot_offline(tmp_path: Path, monkeypatch, tiny_model_dir: Path) -> None:  # noqa: ANN001

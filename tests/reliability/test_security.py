@@ -105,7 +105,9 @@ def test_remote_code_never_runs_unless_allow_listed(sft_copy: Path, tmp_path: Pa
     proc = _run_with_stdin(wd, "y\ny\n")
     assert proc.returncode != 0 and not marker.exists()
     assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
-    assert "trust_remote_code" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (err,) = kit.error_lines(proc.stderr)
+    assert "needs custom code (auto_map) and model.trust_remote_code is false" in err
 
     # trust_remote_code=true for a folder not on the allow-list (no pinned revision): refused at params.
     write_params(wd, **{**SFT_FAST, "model.trust_remote_code": True})
