@@ -139,3 +139,24 @@ def moto_s3_server(log_dir: Path) -> Iterator[str]:
             yield url
         finally:
             stop_process(proc)
+
+
+@contextlib.contextmanager
+def mlflow_server(store: Path, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real `mlflow server` (sqlite backend in `store`, proxied artifacts) on loopback; always stopped
+    (its whole process group). Yields (url, process) so a test can also kill it mid-run."""
+    store.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+           "--artifacts-destination", str(store / "artifacts"), "--serve-artifacts",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # Job execution spawns a job runner and several huey consumers: not needed for tracking.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with (store / "server.log").open("a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_http(url + "/health", proc, timeout=120)
+            yield url, proc
+        finally:
+            stop_process(proc)

@@ -13,14 +13,14 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.stagekit import free_port, read_json, run_stage, stop_process, wait_http
+from tests.stagekit import free_port, read_json, run_stage
+from tests.stagekit import mlflow_server as kit_mlflow_server
 from tests.test_sft import _workdir
 
 EXP = "exp-test"
@@ -31,22 +31,8 @@ FAST = {"mlflow.enabled": True, "train.max_steps": STEPS, "train.save_steps": 3,
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow server` with a sqlite store and proxied artifacts; always stopped (its whole process group)."""
-    d = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-           "--artifacts-destination", str(d / "artifacts"), "--serve-artifacts",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    # Job execution spawns a job runner and several huey consumers: not needed for tracking.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with (d / "server.log").open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_http(url + "/health", proc, timeout=120)
-            yield url
-        finally:
-            stop_process(proc)
+    with kit_mlflow_server(tmp_path_factory.mktemp("mlflow_server")) as (url, _):
+        yield url
 
 
 def _git_repo(wd: Path) -> str:
