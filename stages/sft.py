@@ -184,6 +184,10 @@ def build_model(backend: str, start: Path, params: Params, bf16: bool) -> tuple[
     if backend == "unsloth":
         from unsloth import FastLanguageModel  # must be imported before transformers/trl
 
+        from kmed.fastattn import enable_unsloth_varlen
+
+        notes["packed_attention"] = enable_unsloth_varlen() or "unsloth default"
+
         model, tok = FastLanguageModel.from_pretrained(
             model_name=str(start), max_seq_length=params.model.max_seq_length, dtype=None,
             load_in_4bit=params.model.load_in_4bit, trust_remote_code=params.model.trust_remote_code,
@@ -389,6 +393,16 @@ def trainer_class(sft_trainer: type) -> type:
         token_counter: TokenCounter | None = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+            if hasattr(model, "require_backward_grad_sync"):  # DistributedDataParallel: the gradient
+                # all-reduce is armed by the wrapper's own forward, so the backbone cannot be called
+                # directly; the model's own loss (the token counter's hook sees this forward).
+                out = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
+                loss = out.loss
+                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                    # num_items_in_batch counts every rank's labels and DDP averages the ranks'
+                    # gradients: scale back up, as Trainer.compute_loss does.
+                    loss = loss * self.accelerator.num_processes
+                return (loss, out) if return_outputs else loss
             if self.token_counter is not None and model.training:
                 self.token_counter.count(inputs)  # the backbone is called directly: no top-level hook fires
             loss = selective_lm_loss(model, inputs, num_items_in_batch)
@@ -480,7 +494,10 @@ def main() -> None:
     )
     curve: list[dict[str, Any]] = []
     t_train = time.time()
-    with Tracker(params.mlflow, f"sft-{stage}", sec) as tracker:
+    # Under `accelerate launch` / torchrun every rank runs this; only rank 0 records to MLflow.
+    rank0 = os.environ.get("RANK", "0") == "0"
+    mlcfg = params.mlflow if rank0 else params.mlflow.model_copy(update={"enabled": False})
+    with Tracker(mlcfg, f"sft-{stage}", sec) as tracker:
         trainer = trainer_class(SFTTrainer)(model=model, args=args, train_dataset=ds, processing_class=tok)
         counter = TokenCounter(trainer.model)
         trainer.token_counter = counter
@@ -511,6 +528,12 @@ def main() -> None:
                 "(lower train.learning_rate or check the data)."
             )
         train_s = time.time() - t_train
+        world = trainer.args.world_size
+        tokens = counter.tokens
+        if world > 1:  # every rank's tokens (collective: all ranks reach this line)
+            total_t = torch.tensor([tokens], dtype=torch.int64, device=trainer.args.device)
+            torch.distributed.all_reduce(total_t)
+            tokens = int(total_t.item())
         if not trainer.is_world_process_zero():
             return  # under DDP only rank 0 evaluates, saves and records
 
@@ -534,10 +557,12 @@ def main() -> None:
             "val_ppl_final": val_after["ppl"] if val_after else None,
             "steps": steps_done,
             "resumed_from_step": int(resume.name.split("-")[-1]) if resume else 0,
-            "tokens_seen": counter.tokens,
-            "tokens_per_s": counter.tokens / max(train_s, 1e-9),
-            # median over logged windows after the first quarter (compilation, warm-up)
-            "tokens_per_s_steady": steady_tps(curve),
+            "world_size": world,
+            "tokens_seen": tokens,
+            "tokens_per_s": tokens / max(train_s, 1e-9),
+            # median over logged windows after the first quarter (compilation, warm-up); rank 0's
+            # windows times the number of ranks under DDP (the ranks step in lockstep)
+            "tokens_per_s_steady": steady_tps(curve) * world if steady_tps(curve) else None,
             "train_seconds": round(train_s, 1),
             "load_seconds": round(t_train - t_load, 1),
             "peak_mem_gib": max((r["peak_mem_gib"] for r in curve), default=0.0),

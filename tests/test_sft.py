@@ -206,3 +206,27 @@ def test_stage2_init_modes(tmp_path: Path, tiny_model_dir: Path, init: str) -> N
         assert drift > 0.9  # a fresh adapter (B starts at zero) on the stage-1 merged weights
         assert lineage["start"] == "models/stage1/merged"
     assert "start=models/" in proc.stderr
+
+
+@pytest.mark.integration
+def test_stage_under_accelerate_launch_ddp(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Two processes (gloo on CPU; NCCL on GPUs is the same code path): one adapter saved by rank 0,
+    tokens counted over both ranks, one metrics file."""
+    single = _workdir(tmp_path / "one", tiny_model_dir, **{"train.max_steps": 4})
+    run_stage(single, "stages.sft", "stage1")
+    wd = _workdir(tmp_path / "two", tiny_model_dir, **{"train.max_steps": 4})
+    # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK as `accelerate launch --num_processes 2` does on GPUs
+    # (accelerate's --cpu launcher runs a single process).
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "-m", "stages.sft", "stage1"],
+                          cwd=wd, env=stage_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = read_json(single / "metrics/sft-stage1.json"), read_json(wd / "metrics/sft-stage1.json")
+    assert two["world_size"] == 2 and one["world_size"] == 1 and two["steps"] == one["steps"] == 4
+    # Each rank takes its own batches: twice the samples per optimizer step, counted over both ranks.
+    assert 1.6 < two["tokens_seen"] / one["tokens_seen"] < 2.4
+    # Loss on the single-process scale (labels are counted over both ranks; DDP averages gradients).
+    assert abs(two["train_loss_first"] - one["train_loss_first"]) < 0.5
+    lora = _lora_tensors(wd / "models/stage1/adapter")
+    assert any(float(t.abs().sum()) > 0 for k, t in lora.items() if "lora_B" in k)  # trained (B starts at 0)
+    assert proc.stderr.count("sft-stage1 done:") == 1  # rank 1 returns before saving and recording
