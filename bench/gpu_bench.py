@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DATE = "2026-11-27"
+DATE = time.strftime("%Y-%m-%d")
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
 
 # Qwen2.5 / DeepSeek-R1-Distill-Qwen shapes (the same table as the reference raw_loop.py).
@@ -178,6 +178,8 @@ def write_params(wd: Path, a: argparse.Namespace) -> None:
     p["model"].update(backend=a.backend, max_seq_length=a.seq, load_in_4bit=True)
     p["train"].update(max_steps=a.steps, save_steps=100000, packing=a.packing, per_device_train_batch_size=a.bs,
                       gradient_accumulation_steps=1, logging_steps=max(1, a.steps // 4))
+    gc = getattr(a, "gc", "unsloth")
+    p["lora"]["use_gradient_checkpointing"] = {"true": True, "false": False}.get(gc, gc)
     p.setdefault("sft_stage1", {})["max_steps"] = None
     p.setdefault("mlflow", {})["enabled"] = False
     (wd / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False, allow_unicode=True), encoding="utf-8")
@@ -351,23 +353,32 @@ def cmd_stage(a: argparse.Namespace) -> dict[str, Any]:
     write_params(wd, a)
     log = Path(a.log) if a.log else wd / "stage.log"
     probe_out = wd / "probe.json"
-    if a.no_probe:
+    launch = getattr(a, "launch", 1)
+    if launch > 1:  # DDP, one process per GPU: what docs tell users with several GPUs to run
+        a.no_probe = True
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(launch),
+               "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
+               "-m", "stages.sft", "stage1"]
+    elif a.no_probe:
         cmd = [sys.executable, "-m", "stages.sft", "stage1"]
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), "_probe"]
     shown = f"python -m stages.sft stage1  # cwd {wd}" + ("" if a.no_probe else " (via gpu_bench.py _probe)")
+    if launch > 1:
+        shown = f"accelerate launch --multi_gpu --num_processes {launch} -m stages.sft stage1  # cwd {wd}"
     rc, wall = run_logged(cmd, wd, env_for(a.backend, {"BENCH_PROBE_OUT": str(probe_out)}), log, a.timeout)
     shape = SHAPES[a.shape]
     row: dict[str, Any] = {
         "kind": "stage", "card": card_name(), "shape": a.shape, "backend": a.backend, "packing": a.packing,
         "lengths": a.lengths, "seq": a.seq, "bs": a.bs, "steps_asked": a.steps, "rc": rc,
+        "gc": getattr(a, "gc", "unsloth"), "gpus": launch,
         "wall_s": round(wall, 1), "data": data_stats, "versions": versions(), "date": DATE,
         "non_embedding_params": non_embedding_params(shape), "command": shown, "workdir": str(wd),
     }
     metrics_path = wd / "metrics/sft-stage1.json"
     if metrics_path.exists():
         m = json.loads(metrics_path.read_text())
-        row.update(stage_metrics={k: m.get(k) for k in ("tokens_per_s", "tokens_per_s_steady", "peak_mem_gib", "train_seconds", "steps",
+        row.update(stage_metrics={k: m.get(k) for k in ("tokens_per_s", "tokens_per_s_steady", "peak_mem_gib", "train_seconds", "steps", "world_size",
                                                          "load_seconds", "train_loss_first", "train_loss_final",
                                                          "val_loss_start", "val_loss_final", "tokens_seen")})
     warm = max(3, a.steps // 4)
@@ -584,6 +595,37 @@ def plan(name: str) -> list[tuple[str, dict[str, Any], float]]:
                 ("ref", dict(shape="14b", mode="unsloth"), 130),
                 (S, dict(shape="14b", backend="unsloth", steps=16, packing="padding_free", lengths="realistic"),
                  150)]
+    # Session 2 (2026-11-28): packed rows through torch's flash varlen (kmed.fastattn), checkpointing off
+    # where the card has room, the 1.5B reference in the same call, 14B, 32B from a 4-bit build, DDP.
+    pk = dict(no_probe=True, packing="bfd", lengths="realistic")
+    nf = dict(no_probe=True, lengths="fixed", packing="none")
+    if name == "gpu-pack":
+        return [("build", {"shape": "7b"}, 70),
+                ("ref", dict(shape="7b", mode="unsloth", steps=12), 90),
+                (S, dict(shape="7b", backend="unsloth", steps=30, **pk), 100),
+                (S, dict(shape="7b", backend="unsloth", steps=30, gc="false", **pk), 100),
+                (S, dict(shape="7b", backend="unsloth", steps=30, gc="false", **nf), 100)]
+    if name == "gpu-small":
+        return [("build", {"shape": "1.5b"}, 40),
+                ("ref", dict(shape="1.5b", mode="unsloth", steps=12), 60),
+                (S, dict(shape="1.5b", backend="unsloth", steps=40, **nf), 80),
+                (S, dict(shape="1.5b", backend="unsloth", steps=40, gc="false", **nf), 80),
+                (S, dict(shape="1.5b", backend="unsloth", steps=40, gc="false", **pk), 80)]
+    if name == "gpu-14b-v2":
+        return [("build", {"shape": "14b"}, 120),
+                ("ref", dict(shape="14b", mode="unsloth", steps=10), 130),
+                (S, dict(shape="14b", backend="unsloth", steps=20, **nf), 150),
+                (S, dict(shape="14b", backend="unsloth", steps=20, gc="false", **pk), 150)]
+    if name == "gpu-32b":
+        return [("build", {"shape": "32b", "nf4": True}, 240),
+                (S, dict(shape="32b", backend="unsloth", steps=8, **nf), 240),
+                (S, dict(shape="32b", backend="unsloth", steps=8, no_probe=True, lengths="fixed", packing="none",
+                         bs=1), 200)]
+    if name == "gpu-ddp":
+        return [("build", {"shape": "1.5b"}, 40),
+                (S, dict(shape="1.5b", backend="hf", steps=30, **nf), 90),
+                (S, dict(shape="1.5b", backend="hf", steps=30, launch=2, **nf), 120),
+                (S, dict(shape="1.5b", backend="unsloth", steps=30, launch=2, **nf), 150)]
     raise SystemExit(f"unknown plan {name!r}")
 
 
@@ -613,8 +655,10 @@ def cmd_suite(a: argparse.Namespace) -> None:
                 if other != mdir:
                     shutil.rmtree(other, ignore_errors=True)
             if not (mdir / "config.json").exists():
-                rc, _ = run_logged([sys.executable, str(Path(__file__).resolve()), "build", "--shape", kw["shape"],
-                                    "--out", str(mdir)], ROOT, env_for("hf"), log, max(left, 60))
+                builder = ([str(ROOT / "bench/build_4bit.py")] if kw.get("nf4")  # 32B: 4-bit, layer by layer
+                           else [str(Path(__file__).resolve()), "build"])
+                rc, _ = run_logged([sys.executable, *builder, "--shape", kw["shape"], "--out", str(mdir)], ROOT,
+                                   env_for("hf"), log, max(left, 60))
                 if rc != 0:
                     print(tail(log, 20), flush=True)
         else:
@@ -625,6 +669,7 @@ def cmd_suite(a: argparse.Namespace) -> None:
             if job == "stage":
                 ns.__dict__.update(backend=kw["backend"], packing=kw["packing"], lengths=kw["lengths"],
                                    reload=kw.get("reload", False), no_probe=kw.get("no_probe", False),
+                                   gc=kw.get("gc", "unsloth"), launch=kw.get("launch", 1),
                                    workdir=str(Path(a.work_root) / f"job{i}"))
                 cmd_stage(ns)
             else:
@@ -659,6 +704,9 @@ def main() -> None:
     st.add_argument("--workdir")
     st.add_argument("--reload", action="store_true", help="reload the saved adapter (peft; and unsloth) + forward")
     st.add_argument("--no-probe", action="store_true", help="run `python -m stages.sft stage1` literally")
+    st.add_argument("--gc", choices=["unsloth", "true", "false"], default="unsloth",
+                    help="lora.use_gradient_checkpointing")
+    st.add_argument("--launch", type=int, default=1, help="GPUs: >1 runs the stage under accelerate launch (DDP)")
     rf = sub.choices["ref"]
     rf.add_argument("--mode", choices=["unsloth", "hf"], required=True)
     rf.add_argument("--raw-loop", default=str(ROOT / ".whl/raw_loop.py"))
