@@ -621,6 +621,18 @@ def plan(name: str) -> list[tuple[str, dict[str, Any], float]]:
                 (S, dict(shape="32b", backend="unsloth", steps=8, **nf), 240),
                 (S, dict(shape="32b", backend="unsloth", steps=8, no_probe=True, lengths="fixed", packing="none",
                          bs=1), 200)]
+    if name == "gpu-32b-small":  # one call: the 32B memory rows first, then 1.5B against its reference
+        return [("build", {"shape": "32b", "nf4": True}, 60),
+                (S, dict(shape="32b", backend="unsloth", steps=6, **nf), 130),
+                (S, dict(shape="32b", backend="unsloth", steps=6, bs=1, **nf), 110),
+                ("build", {"shape": "1.5b"}, 40),
+                ("ref", dict(shape="1.5b", mode="unsloth", steps=12), 60),
+                (S, dict(shape="1.5b", backend="unsloth", steps=40, **nf), 70),
+                (S, dict(shape="1.5b", backend="unsloth", steps=40, gc="false", **nf), 70)]
+    if name == "gpu-small-nogc":  # 1.5B: checkpointing off against the reference, same call
+        return [("build", {"shape": "1.5b"}, 40),
+                ("ref", dict(shape="1.5b", mode="unsloth", steps=12), 60),
+                (S, dict(shape="1.5b", backend="unsloth", steps=40, gc="false", **nf), 70)]
     if name == "gpu-ddp":
         return [("build", {"shape": "1.5b"}, 40),
                 (S, dict(shape="1.5b", backend="hf", steps=30, **nf), 90),
