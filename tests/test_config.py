@@ -90,3 +90,32 @@ def test_params_are_frozen() -> None:
 
     with pytest.raises(ValidationError):
         p.lora.r = 8  # type: ignore[misc]
+
+
+def _kmed_imports(path: Path) -> set[str]:
+    """kmed modules a file imports anywhere (top level or inside functions), as repo paths."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
+            [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+        found |= {f"{n.replace('.', '/')}.py" for n in names if n.startswith("kmed.")}
+    return found
+
+
+def test_every_stage_depends_on_the_kmed_code_it_runs() -> None:
+    """A kmed module a stage imports (directly or through another kmed module) must be a dep in dvc.yaml,
+    or editing it would not rerun the stage."""
+    root = Path(__file__).resolve().parents[1]
+    stages = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    for name, st in stages.items():
+        st = st.get("do", st)  # foreach stages keep the body under `do`
+        module = st["cmd"].split()[2]  # python -m stages.<name> ...
+        todo, needed = [root / f"{module.replace('.', '/')}.py"], set()
+        while todo:
+            for dep in _kmed_imports(todo.pop()) - needed:
+                needed.add(dep)
+                todo.append(root / dep)
+        missing = needed - set(st["deps"])
+        assert not missing, f"{name}: dvc.yaml deps lack {sorted(missing)}"
