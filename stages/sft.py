@@ -562,7 +562,7 @@ def main() -> None:
             "tokens_per_s": tokens / max(train_s, 1e-9),
             # median over logged windows after the first quarter (compilation, warm-up); rank 0's
             # windows times the number of ranks under DDP (the ranks step in lockstep)
-            "tokens_per_s_steady": steady_tps(curve) * world if steady_tps(curve) else None,
+            "tokens_per_s_steady": steady * world if (steady := steady_tps(curve)) else None,
             "train_seconds": round(train_s, 1),
             "load_seconds": round(t_train - t_load, 1),
             "peak_mem_gib": max((r["peak_mem_gib"] for r in curve), default=0.0),
