@@ -293,6 +293,16 @@ def tail(path: Path, n: int = 25) -> str:
     return "\n".join(lines[-n:])
 
 
+def visible_gpus() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except Exception:
+        return 0
+    n = len([x for x in out.splitlines() if x.startswith("GPU ")])
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return min(n, len(cvd.split(","))) if cvd else n
+
+
 def card_name() -> str:
     try:
         name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
@@ -371,14 +381,14 @@ def cmd_stage(a: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {
         "kind": "stage", "card": card_name(), "shape": a.shape, "backend": a.backend, "packing": a.packing,
         "lengths": a.lengths, "seq": a.seq, "bs": a.bs, "steps_asked": a.steps, "rc": rc,
-        "gc": getattr(a, "gc", "unsloth"), "gpus": launch,
+        "gc": getattr(a, "gc", "unsloth"), "gpus": launch, "visible_gpus": visible_gpus(),
         "wall_s": round(wall, 1), "data": data_stats, "versions": versions(), "date": DATE,
         "non_embedding_params": non_embedding_params(shape), "command": shown, "workdir": str(wd),
     }
     metrics_path = wd / "metrics/sft-stage1.json"
     if metrics_path.exists():
         m = json.loads(metrics_path.read_text())
-        row.update(stage_metrics={k: m.get(k) for k in ("tokens_per_s", "tokens_per_s_steady", "peak_mem_gib", "train_seconds", "steps", "world_size",
+        row.update(stage_metrics={k: m.get(k) for k in ("tokens_per_s", "tokens_per_s_steady", "peak_mem_gib", "peak_mem_reserved_gib", "train_seconds", "steps", "world_size",
                                                          "load_seconds", "train_loss_first", "train_loss_final",
                                                          "val_loss_start", "val_loss_final", "tokens_seen")})
     warm = max(3, a.steps // 4)
@@ -412,6 +422,10 @@ def cmd_stage(a: argparse.Namespace) -> dict[str, Any]:
     if row["adapter_saved"]:
         cfg = json.loads((adapter / "adapter_config.json").read_text())
         row["adapter_base_path"] = cfg.get("base_model_name_or_path")
+    try:  # a one-process run on a several-GPU machine must say it trains on one GPU (stages/sft.py)
+        row["one_gpu_warning"] = "GPUs visible to one process" in log.read_text(errors="replace")
+    except OSError:
+        pass
     if rc != 0:
         row["error"] = tail(log, 30)
     if a.reload and row["adapter_saved"]:
@@ -633,10 +647,11 @@ def plan(name: str) -> list[tuple[str, dict[str, Any], float]]:
         return [("build", {"shape": "1.5b"}, 40),
                 ("ref", dict(shape="1.5b", mode="unsloth", steps=12), 60),
                 (S, dict(shape="1.5b", backend="unsloth", steps=40, gc="false", **nf), 70)]
-    if name == "gpu-ddp":
+    if name == "gpu-ddp":  # on a 2-GPU kind; the one-process rows see both GPUs (the stage must use one)
         return [("build", {"shape": "1.5b"}, 40),
                 (S, dict(shape="1.5b", backend="hf", steps=30, **nf), 90),
                 (S, dict(shape="1.5b", backend="hf", steps=30, launch=2, **nf), 120),
+                (S, dict(shape="1.5b", backend="unsloth", steps=30, **nf), 90),
                 (S, dict(shape="1.5b", backend="unsloth", steps=30, launch=2, **nf), 150)]
     raise SystemExit(f"unknown plan {name!r}")
 

@@ -492,6 +492,13 @@ def main() -> None:
         use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, disable_tqdm=False,
         dataset_num_proc=None, save_only_model=False, ddp_find_unused_parameters=False,
     )
+    if args.n_gpu > 1:
+        # One process that sees several GPUs: the Trainer would multiply the batch by their number
+        # (and the effective batch of params.yaml would silently change). Train on one GPU, say how to use all.
+        log.warning("%d GPUs visible to one process: training on one of them; to use all, run `accelerate launch "
+                    "--multi_gpu --num_processes %d -m stages.sft %s` (README, Several GPUs)", args.n_gpu, args.n_gpu,
+                    stage)
+        args._n_gpu = 1
     curve: list[dict[str, Any]] = []
     t_train = time.time()
     # Under `accelerate launch` / torchrun every rank runs this; only rank 0 records to MLflow.
@@ -566,6 +573,8 @@ def main() -> None:
             "train_seconds": round(train_s, 1),
             "load_seconds": round(t_train - t_load, 1),
             "peak_mem_gib": max((r["peak_mem_gib"] for r in curve), default=0.0),
+            # what the caching allocator held at most: the number a card's capacity must cover (CUDA only)
+            "peak_mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
             "trainable_params": trainable,
             "train_rows": len(train_rows),
         }
@@ -582,5 +591,16 @@ def main() -> None:
     os.environ.pop("KMED_TMP", None)
 
 
+def end_distributed() -> None:
+    """Under `accelerate launch` / torchrun: leave the process group (NCCL warns of leaked resources otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    run_stage(main)
+    try:
+        run_stage(main)
+    finally:
+        end_distributed()

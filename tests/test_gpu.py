@@ -72,14 +72,14 @@ def test_unsloth_dispatcher_takes_the_hook() -> None:
     assert ad._torch_varlen_takes(q, kv, kv, {}, True, None)
 
 
-def _bench_stage(tmp_path: Path, backend: str, packing: str) -> dict:
+def _bench_stage(tmp_path: Path, backend: str, packing: str, lengths: str = "realistic") -> dict:
     model = tmp_path / "tiny"
     if not (model / "config.json").exists():
         subprocess.run([sys.executable, str(BENCH), "build", "--shape", "tiny", "--out", str(model)], check=True,
                        cwd=ROOT, timeout=300)
     results = tmp_path / f"{backend}-{packing}.jsonl"
     proc = subprocess.run([sys.executable, str(BENCH), "stage", "--shape", "tiny", "--model", str(model),
-                           "--backend", backend, "--packing", packing, "--lengths", "realistic", "--steps", "12",
+                           "--backend", backend, "--packing", packing, "--lengths", lengths, "--steps", "12",
                            "--seq", "512", "--no-probe", "--results", str(results),
                            "--workdir", str(tmp_path / f"wd-{backend}-{packing}")],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -102,3 +102,14 @@ def test_sft_stage_trains_on_cuda(tmp_path: Path, backend: str, packing: str) ->
     lineage = json.loads((Path(row["workdir"]) / "models/stage1/adapter/lineage.json").read_text())
     if backend == "unsloth":
         assert lineage["notes"]["packed_attention"] in ("flash varlen (aten, kmed.fastattn)", "unsloth default")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a machine with two or more GPUs")
+def test_one_process_on_several_gpus_keeps_the_params_batch(tmp_path: Path) -> None:
+    """`dvc repro` on a 2-GPU box without `accelerate launch`: Trainer would take batch × n_gpu rows a step."""
+    row = _bench_stage(tmp_path, "hf", "none", lengths="fixed")
+    m = row["stage_metrics"]
+    assert row["visible_gpus"] >= 2 and row["one_gpu_warning"]
+    assert m["world_size"] == 1 and m["steps"] == 12
+    per_step_max = 2 * 512  # batch 2 (params), rows of ~seq 512 tokens, accumulation 1 (bench)
+    assert per_step_max * 12 / 2 < m["tokens_seen"] <= per_step_max * 12
