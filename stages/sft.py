@@ -104,9 +104,15 @@ def packing_mode(setting: str) -> tuple[bool, bool]:
 
 
 def fingerprint(stage: str, params: Params, data_files: list[Path], start: Path) -> str:
-    """Identity of a training run: checkpoints from another config are never resumed."""
+    """Identity of a training run: checkpoints from another config or other code are never resumed.
+
+    The code is this module and the kmed library: a finished checkpoint from older code would otherwise be
+    promoted as is when `dvc repro` reruns the stage for a code change (no training, empty metrics)."""
     h = hashlib.sha256()
     h.update(stage.encode())
+    root = Path(__file__).resolve().parents[1]
+    for code in [Path(__file__).resolve(), *sorted((root / "kmed").glob("*.py"))]:
+        h.update(code.read_bytes())
     keep = {k: resolved_dict(getattr(params, k)) for k in ("model", "lora", "train")}
     keep["stage"] = resolved_dict(params.sft(stage))
     h.update(json.dumps(keep, sort_keys=True).encode())
@@ -160,7 +166,7 @@ def newest_complete_checkpoint(ckdir: Path, fp: str) -> Path | None:
         return None
     stamp = ckdir / "FINGERPRINT"
     if not stamp.exists() or stamp.read_text().strip() != fp:
-        log.info("checkpoints in %s belong to another config; starting fresh", ckdir)
+        log.info("checkpoints in %s belong to another config or code version; starting fresh", ckdir)
         shutil.rmtree(ckdir)
         return None
     cands = sorted(ckdir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)

@@ -230,3 +230,29 @@ def test_stage_under_accelerate_launch_ddp(tmp_path: Path, tiny_model_dir: Path)
     lora = _lora_tensors(wd / "models/stage1/adapter")
     assert any(float(t.abs().sum()) > 0 for k, t in lora.items() if "lora_B" in k)  # trained (B starts at 0)
     assert proc.stderr.count("sft-stage1 done:") == 1  # rank 1 returns before saving and recording
+
+
+def test_checkpoint_fingerprint_covers_the_training_code(tmp_path: Path) -> None:
+    """A finished checkpoint from older code is not promoted when `dvc repro` reruns for a code change."""
+    import importlib.util
+
+    from kmed.config import load_params
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "stages").mkdir()
+    shutil.copy(root / "stages/sft.py", tmp_path / "stages/sft.py")
+    shutil.copytree(root / "kmed", tmp_path / "kmed", ignore=shutil.ignore_patterns("__pycache__"))
+    spec = importlib.util.spec_from_file_location("sft_copy", tmp_path / "stages/sft.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "q", "completion": "a"}\n', encoding="utf-8")
+    params = load_params(root / "params.yaml")
+    fp = mod.fingerprint("stage1", params, [data], tmp_path)
+    assert mod.fingerprint("stage1", params, [data], tmp_path) == fp
+    with open(tmp_path / "kmed/lm.py", "a", encoding="utf-8") as f:
+        f.write("\n# changed\n")
+    fp_lib = mod.fingerprint("stage1", params, [data], tmp_path)
+    with open(tmp_path / "stages/sft.py", "a", encoding="utf-8") as f:
+        f.write("\n# changed\n")
+    assert len({fp, fp_lib, mod.fingerprint("stage1", params, [data], tmp_path)}) == 3
