@@ -171,6 +171,12 @@ def write_data(wd: Path, kind: str, n_train: int, seq: int, seed: int = 0) -> di
     return stats
 
 
+def params_optim() -> str:
+    import yaml
+
+    return yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["train"]["optim"]
+
+
 def write_params(wd: Path, a: argparse.Namespace) -> None:
     import yaml
 
@@ -178,6 +184,8 @@ def write_params(wd: Path, a: argparse.Namespace) -> None:
     p["model"].update(backend=a.backend, max_seq_length=a.seq, load_in_4bit=True)
     p["train"].update(max_steps=a.steps, save_steps=100000, packing=a.packing, per_device_train_batch_size=a.bs,
                       gradient_accumulation_steps=1, logging_steps=max(1, a.steps // 4))
+    if getattr(a, "optim", None):  # e.g. the production recipe's adamw_8bit (recipes/r1-32b-medical-ko.yaml)
+        p["train"]["optim"] = a.optim
     gc = getattr(a, "gc", "unsloth")
     p["lora"]["use_gradient_checkpointing"] = {"true": True, "false": False}.get(gc, gc)
     p.setdefault("sft_stage1", {})["max_steps"] = None
@@ -381,7 +389,8 @@ def cmd_stage(a: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {
         "kind": "stage", "card": card_name(), "shape": a.shape, "backend": a.backend, "packing": a.packing,
         "lengths": a.lengths, "seq": a.seq, "bs": a.bs, "steps_asked": a.steps, "rc": rc,
-        "gc": getattr(a, "gc", "unsloth"), "gpus": launch, "visible_gpus": visible_gpus(),
+        "gc": getattr(a, "gc", "unsloth"), "optim": getattr(a, "optim", None) or params_optim(),
+        "gpus": launch, "visible_gpus": visible_gpus(),
         "wall_s": round(wall, 1), "data": data_stats, "versions": versions(), "date": DATE,
         "non_embedding_params": non_embedding_params(shape), "command": shown, "workdir": str(wd),
     }
@@ -653,6 +662,19 @@ def plan(name: str) -> list[tuple[str, dict[str, Any], float]]:
                 (S, dict(shape="1.5b", backend="hf", steps=30, launch=2, **nf), 120),
                 (S, dict(shape="1.5b", backend="unsloth", steps=30, **nf), 90),
                 (S, dict(shape="1.5b", backend="unsloth", steps=30, launch=2, **nf), 150)]
+    # Session 4: the 32B rows with the production recipe's optimizer (adamw_8bit; the earlier 32B rows ran
+    # params.yaml's adamw_torch), and 14B packed at batch 2 on a host of its own.
+    if name == "gpu-32b-recipe":
+        return [("build", {"shape": "32b", "nf4": True}, 60),
+                (S, dict(shape="32b", backend="unsloth", steps=6, optim="adamw_8bit", **nf), 130),
+                (S, dict(shape="32b", backend="unsloth", steps=8, optim="adamw_8bit", no_probe=True, packing="none",
+                         lengths="realistic"), 130),
+                (S, dict(shape="32b", backend="unsloth", steps=6, optim="paged_adamw_8bit", **nf), 130)]
+    if name == "gpu-14b-pack2":
+        return [("build", {"shape": "14b"}, 120),
+                ("ref", dict(shape="14b", mode="unsloth", steps=10), 130),
+                (S, dict(shape="14b", backend="unsloth", steps=20, gc="false", **pk), 150),
+                (S, dict(shape="14b", backend="unsloth", steps=20, gc="false", optim="adamw_8bit", **pk), 150)]
     raise SystemExit(f"unknown plan {name!r}")
 
 
@@ -696,7 +718,7 @@ def cmd_suite(a: argparse.Namespace) -> None:
             if job == "stage":
                 ns.__dict__.update(backend=kw["backend"], packing=kw["packing"], lengths=kw["lengths"],
                                    reload=kw.get("reload", False), no_probe=kw.get("no_probe", False),
-                                   gc=kw.get("gc", "unsloth"), launch=kw.get("launch", 1),
+                                   gc=kw.get("gc", "unsloth"), launch=kw.get("launch", 1), optim=kw.get("optim"),
                                    workdir=str(Path(a.work_root) / f"job{i}"))
                 cmd_stage(ns)
             else:
@@ -733,6 +755,8 @@ def main() -> None:
     st.add_argument("--no-probe", action="store_true", help="run `python -m stages.sft stage1` literally")
     st.add_argument("--gc", choices=["unsloth", "true", "false"], default="unsloth",
                     help="lora.use_gradient_checkpointing")
+    st.add_argument("--optim", choices=["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"],
+                    help="train.optim (default: params.yaml's)")
     st.add_argument("--launch", type=int, default=1, help="GPUs: >1 runs the stage under accelerate launch (DDP)")
     rf = sub.choices["ref"]
     rf.add_argument("--mode", choices=["unsloth", "hf"], required=True)

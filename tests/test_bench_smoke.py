@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "gpu_bench.py"
@@ -25,13 +26,16 @@ def test_gpu_bench_tiny_stage_row(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(BENCH), "stage", "--shape", "tiny", "--model", str(model), "--backend", "hf",
          "--packing", "padding_free", "--lengths", "fixed", "--steps", "2", "--seq", "256", "--bs", "2",
-         "--results", str(rows), "--workdir", str(wd), "--reload", "--timeout", "300"],
+         "--results", str(rows), "--workdir", str(wd), "--reload", "--timeout", "300", "--optim", "adamw_torch_fused"],
         cwd=ROOT, timeout=300, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     row = json.loads(rows.read_text().splitlines()[-1])
     assert row["rc"] == 0, row.get("error")
     assert row["kind"] == "stage" and row["backend"] == "hf" and row["shape"] == "tiny"
+    # --optim reaches the stage's params (the 32B rows run the production recipe's optimizer this way)
+    assert row["optim"] == "adamw_torch_fused"
+    assert yaml.safe_load((wd / "params.yaml").read_text())["train"]["optim"] == "adamw_torch_fused"
     assert isinstance(row["tok_s"], float) and math.isfinite(row["tok_s"]) and row["tok_s"] > 0
     # Every row is exactly seq tokens: the probe counted real tokens, not pads.
     assert row["computed_tok_s"] == pytest.approx(row["tok_s"])
