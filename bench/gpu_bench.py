@@ -670,6 +670,11 @@ def plan(name: str) -> list[tuple[str, dict[str, Any], float]]:
                 (S, dict(shape="32b", backend="unsloth", steps=8, optim="adamw_8bit", no_probe=True, packing="none",
                          lengths="realistic"), 130),
                 (S, dict(shape="32b", backend="unsloth", steps=6, optim="paged_adamw_8bit", **nf), 130)]
+    if name == "gpu-32b-pf":  # the recipe on realistic lengths: padded (auto today) vs padding-free with kmed.fastattn
+        rl = dict(no_probe=True, lengths="realistic", optim="adamw_8bit")
+        return [("build", {"shape": "32b", "nf4": True}, 60),
+                (S, dict(shape="32b", backend="unsloth", steps=24, packing="padding_free", **rl), 100),
+                (S, dict(shape="32b", backend="unsloth", steps=24, packing="none", **rl), 130)]
     if name == "gpu-14b-pack2":
         return [("build", {"shape": "14b"}, 120),
                 ("ref", dict(shape="14b", mode="unsloth", steps=10), 130),

@@ -99,3 +99,17 @@ def enable_unsloth_varlen() -> str | None:
     log.info("packed rows: Unsloth's attention dispatcher uses torch's flash varlen kernels "
              "(kmed.fastattn; KMED_UNSLOTH_VARLEN=0 turns this off)")
     return "flash varlen (aten, kmed.fastattn)"
+
+
+def unsloth_packed_kernel() -> bool:
+    """True when Unsloth runs padding-free (packed) rows on a varlen flash kernel: the flash-attn package,
+    torch's own `varlen_attn` (torch >= 2.12) or ours (`enable_unsloth_varlen`). Without one it falls back
+    to one SDPA call per segment per layer, and padded batches are faster (bench/RESULTS.md, call C)."""
+    try:
+        import torch
+        from unsloth.utils import attention_dispatch as ad
+    except Exception:  # not installed / another layout
+        return False
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        return False  # Unsloth's flash paths need sm80+ (it falls back to SDPA below)
+    return bool(getattr(ad, "HAS_FLASH_ATTENTION", False)) or getattr(ad, "_TORCH_VARLEN_ATTN", None) is not None

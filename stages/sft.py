@@ -88,18 +88,21 @@ def use_bf16(setting: Any) -> bool:
     return bool(has) if setting == "auto" else bool(setting)
 
 
-def packing_mode(setting: str) -> tuple[bool, bool]:
+def packing_mode(setting: str, fast_varlen: bool = False) -> tuple[bool, bool]:
     """(pack several samples per row, padding-free batches).
 
     padding_free: each micro-batch is flattened into one row with per-sample position ids —
     no pad tokens are computed and the model masks attention per sample, so it is exact and keeps
     the seed's samples-per-step. bfd: best-fit-decreasing packing up to max_length (more tokens per
-    step). none: classic padded batches."""
+    step). none: classic padded batches.
+
+    auto (measured, bench/RESULTS.md): padding_free where `fast_varlen` — Unsloth with a flash varlen
+    kernel (kmed.fastattn on torch 2.11): at 32B on realistic lengths 2,228 vs 1,782 real tok/s, no
+    per-shape compile, 20.5 vs 21.3 GiB, same losses (session 4, call O). Else none: padded batches beat
+    padding-free rows on CPU (303 vs 254 tok/s, sdpa's causal fast path) and under Unsloth without a
+    varlen kernel (4,366 vs 3,179 tok/s at 7B, call C: one SDPA call per segment per layer)."""
     if setting == "auto":
-        # Measured (bench/RESULTS.md): padded batches beat padding-free rows on CPU (303 vs 254 tok/s,
-        # sdpa's causal fast path) and on the H200 with Unsloth 2026.10.9 and no flash-attn
-        # (4,366 vs 3,179 tok/s at 7B, same losses) — padding-free skips Unsloth's compiled blocks.
-        setting = "none"
+        setting = "padding_free" if fast_varlen else "none"
     return {"padding_free": (False, True), "bfd": (True, True), "none": (False, False)}[setting]
 
 
@@ -436,12 +439,11 @@ def main() -> None:
 
     bf16 = use_bf16(params.train.bf16)
     max_steps = scfg.max_steps or params.train.max_steps
-    packing, padding_free = packing_mode(params.train.packing)
     start, prev_adapter = stage_inputs(stage, params)
     sec = {k: resolved_dict(getattr(params, k)) for k in ("model", "lora", "train")}
     sec[f"sft_{stage}"] = resolved_dict(scfg)
-    log.info("sft %s: backend=%s bf16=%s packing=%s padding_free=%s start=%s max_steps=%d", stage, backend, bf16,
-             packing, padding_free, start, max_steps)
+    log.info("sft %s: backend=%s bf16=%s packing=%s start=%s max_steps=%d", stage, backend, bf16,
+             params.train.packing, start, max_steps)
     log.info("resolved config: %s", json.dumps(sec, ensure_ascii=False))
     if not (start / "config.json").exists():
         raise StageError(f"{start} has no model; run the earlier stages first (`dvc repro`).")
@@ -467,6 +469,12 @@ def main() -> None:
     if prev_adapter is not None:
         load_adapter_weights(model, prev_adapter)
         notes["continued_from"] = str(prev_adapter)
+    # Packing is resolved once the model is built: `auto` depends on the attention kernel Unsloth got.
+    from kmed.fastattn import unsloth_packed_kernel
+
+    packing, padding_free = packing_mode(params.train.packing, backend == "unsloth" and unsloth_packed_kernel())
+    notes["batches"] = "packed (bfd)" if packing else "padding-free" if padding_free else "padded"
+    log.info("batches: %s (train.packing=%s)", notes["batches"], params.train.packing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("trainable params: %d of %d (%.3f%%); notes: %s", trainable, total, 100 * trainable / total, notes)

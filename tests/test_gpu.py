@@ -59,10 +59,13 @@ def test_unsloth_dispatcher_takes_the_hook() -> None:
     pytest.importorskip("unsloth")
     from unsloth.utils import attention_dispatch as ad
 
-    from kmed.fastattn import _unsloth_hook, enable_unsloth_varlen
+    from kmed.fastattn import _unsloth_hook, enable_unsloth_varlen, unsloth_packed_kernel
+    from stages.sft import packing_mode
 
     before = ad._TORCH_VARLEN_ATTN
     note = enable_unsloth_varlen()
+    # with a varlen kernel in place the stage's train.packing=auto takes padding-free batches
+    assert unsloth_packed_kernel() and packing_mode("auto", unsloth_packed_kernel()) == (False, True)
     if before is not None:  # a torch whose varlen_attn takes enable_gqa: Unsloth needs no help
         assert note is None and ad._TORCH_VARLEN_ATTN is before
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,18 @@ from tests.stagekit import read_json, run_stage, stage_env, tiny_records, write_
 
 FAST = {"train.max_steps": 12, "train.save_steps": 4, "train.learning_rate": 2e-3, "train.warmup_steps": 1,
         "mlflow.enabled": False, "model.max_seq_length": 128}
+
+
+def test_auto_packing_is_padding_free_only_with_a_varlen_kernel() -> None:
+    from kmed.fastattn import unsloth_packed_kernel
+    from stages.sft import packing_mode
+
+    assert packing_mode("auto", fast_varlen=True) == (False, True)  # padding-free: exact, seed's samples/step
+    assert packing_mode("auto", fast_varlen=False) == (False, False)  # padded
+    for setting, want in (("none", (False, False)), ("padding_free", (False, True)), ("bfd", (True, True))):
+        assert packing_mode(setting, True) == packing_mode(setting, False) == want
+    # This machine has no unsloth (CUDA only), so no varlen kernel: the CPU default stays padded.
+    assert importlib.util.find_spec("unsloth") is None and not unsloth_packed_kernel()
 
 
 def test_labels_are_masked_exactly_on_the_prompt(smol_tokenizer) -> None:  # noqa: ANN001
