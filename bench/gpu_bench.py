@@ -400,6 +400,9 @@ def cmd_stage(a: argparse.Namespace) -> dict[str, Any]:
         row.update(stage_metrics={k: m.get(k) for k in ("tokens_per_s", "tokens_per_s_steady", "peak_mem_gib", "peak_mem_reserved_gib", "train_seconds", "steps", "world_size",
                                                          "load_seconds", "train_loss_first", "train_loss_final",
                                                          "val_loss_start", "val_loss_final", "tokens_seen")})
+    lineage = wd / "models/stage1/adapter/lineage.json"
+    if lineage.exists():  # what train.packing resolved to (auto → padding-free / padded)
+        row["batches"] = json.loads(lineage.read_text()).get("notes", {}).get("batches")
     warm = max(3, a.steps // 4)
     if probe_out.exists():
         pr = json.loads(probe_out.read_text())
@@ -753,7 +756,7 @@ def main() -> None:
         s.add_argument("--keep-going", action="store_true")
     st = sub.choices["stage"]
     st.add_argument("--backend", choices=["unsloth", "hf"], default="unsloth")
-    st.add_argument("--packing", choices=["padding_free", "bfd", "none"], default="padding_free")
+    st.add_argument("--packing", choices=["padding_free", "bfd", "none", "auto"], default="padding_free")
     st.add_argument("--lengths", choices=["fixed", "realistic"], default="fixed")
     st.add_argument("--workdir")
     st.add_argument("--reload", action="store_true", help="reload the saved adapter (peft; and unsloth) + forward")

@@ -90,7 +90,8 @@ def _bench_stage(tmp_path: Path, backend: str, packing: str, lengths: str = "rea
     return json.loads(results.read_text().splitlines()[-1])
 
 
-@pytest.mark.parametrize(("backend", "packing"), [("unsloth", "bfd"), ("hf", "bfd"), ("unsloth", "none")])
+@pytest.mark.parametrize(("backend", "packing"),
+                         [("unsloth", "bfd"), ("hf", "bfd"), ("unsloth", "none"), ("unsloth", "auto"), ("hf", "auto")])
 def test_sft_stage_trains_on_cuda(tmp_path: Path, backend: str, packing: str) -> None:
     if backend == "unsloth":
         pytest.importorskip("unsloth")
@@ -105,6 +106,11 @@ def test_sft_stage_trains_on_cuda(tmp_path: Path, backend: str, packing: str) ->
     lineage = json.loads((Path(row["workdir"]) / "models/stage1/adapter/lineage.json").read_text())
     if backend == "unsloth":
         assert lineage["notes"]["packed_attention"] in ("flash varlen (aten, kmed.fastattn)", "unsloth default")
+    # the shipped default: padding-free under Unsloth with a varlen kernel (sm80+), padded elsewhere
+    want = {"bfd": "packed (bfd)", "none": "padded",
+            "auto": "padding-free" if backend == "unsloth" and torch.cuda.get_device_capability() >= (8, 0)
+            else "padded"}[packing]
+    assert lineage["notes"]["batches"] == want
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a machine with two or more GPUs")
