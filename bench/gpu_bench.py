@@ -683,6 +683,18 @@ def plan(name: str) -> list[tuple[str, dict[str, Any], float]]:
                 ("ref", dict(shape="14b", mode="unsloth", steps=10), 130),
                 (S, dict(shape="14b", backend="unsloth", steps=20, gc="false", **pk), 150),
                 (S, dict(shape="14b", backend="unsloth", steps=20, gc="false", optim="adamw_8bit", **pk), 150)]
+    if name == "gpu-7b-auto":  # session 5: the shipped default (train.packing auto) at 7B on realistic lengths
+        au = dict(no_probe=True, lengths="realistic", packing="auto")
+        return [("build", {"shape": "7b"}, 90),
+                ("ref", dict(shape="7b", mode="unsloth", steps=12), 90),
+                (S, dict(shape="7b", backend="unsloth", steps=32, **au), 110),
+                (S, dict(shape="7b", backend="unsloth", steps=32, gc="false", **au), 110),
+                (S, dict(shape="7b", backend="unsloth", steps=32, gc="false", **pk), 110)]
+    if name == "gpu-7b-auto-vs-padded":  # does auto's padding-free choice hold at 7B (measured at 32B, call O)?
+        au = dict(no_probe=True, lengths="realistic")
+        return [("build", {"shape": "7b"}, 90),
+                (S, dict(shape="7b", backend="unsloth", steps=32, packing="auto", **au), 110),
+                (S, dict(shape="7b", backend="unsloth", steps=32, packing="none", **au), 160)]
     raise SystemExit(f"unknown plan {name!r}")
 
 

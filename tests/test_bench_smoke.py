@@ -40,6 +40,7 @@ def test_gpu_bench_tiny_stage_row(tmp_path: Path) -> None:
     # Every row is exactly seq tokens: the probe counted real tokens, not pads.
     assert row["computed_tok_s"] == pytest.approx(row["tok_s"])
     assert row["loss_finite"] and row["adapter_saved"]
+    assert row["batches"] == "padding-free"  # what train.packing resolved to, read from the stage's lineage
     assert (wd / "models/stage1/adapter/adapter_model.safetensors").exists()
     assert row["reload"]["peft"]["ok"], row["reload"]
     m = json.loads((wd / "metrics/sft-stage1.json").read_text())
