@@ -691,10 +691,10 @@ def plan(name: str) -> list[tuple[str, dict[str, Any], float]]:
                 (S, dict(shape="7b", backend="unsloth", steps=32, gc="false", **au), 110),
                 (S, dict(shape="7b", backend="unsloth", steps=32, gc="false", **pk), 110)]
     if name == "gpu-7b-auto-vs-padded":  # does auto's padding-free choice hold at 7B (measured at 32B, call O)?
-        au = dict(no_probe=True, lengths="realistic")
+        rl = dict(no_probe=True, lengths="realistic")
         return [("build", {"shape": "7b"}, 90),
-                (S, dict(shape="7b", backend="unsloth", steps=32, packing="auto", **au), 110),
-                (S, dict(shape="7b", backend="unsloth", steps=32, packing="none", **au), 160)]
+                (S, dict(shape="7b", backend="unsloth", steps=32, packing="auto", **rl), 110),
+                (S, dict(shape="7b", backend="unsloth", steps=32, packing="none", **rl), 160)]
     raise SystemExit(f"unknown plan {name!r}")
 
 
