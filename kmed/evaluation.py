@@ -3,7 +3,9 @@ translation chrF/BLEU."""
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,8 +51,8 @@ def check_format(text: str) -> dict[str, Any]:
 
 def regression_keys() -> tuple[str, ...]:
     """Metrics of the base → stage 1 → stage 2 regression table, in display order."""
-    return ("val1_loss", "val2_loss", "mcq_acc", "format_ok", "think_chars", "eos_stop", "chrf_ko2en",
-            "chrf_en2ko", "bleu_ko2en", "bleu_en2ko")
+    return ("val1_loss", "val2_loss", "mcq_acc", "format_ok", "repetition", "think_chars", "eos_stop",
+            "chrf_ko2en", "chrf_en2ko", "bleu_ko2en", "bleu_en2ko", "seconds")
 
 
 def answer_text(text: str) -> str:
@@ -71,3 +73,54 @@ def bleu(hyps: Sequence[str], refs: Sequence[str], target_lang: str) -> float:
 
     tok = "char" if target_lang == "ko" else "13a"
     return BLEU(tokenize=tok).corpus_score(list(hyps), [list(refs)]).score
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion hits/n; (0, 1) when n is 0. Unlike the normal
+    approximation it stays inside [0, 1] and is honest on small n (24 items at 0.25: 0.12-0.45)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+REPEAT_MAX = 3  # a line or a 4-gram seen more often than this in one output counts as degenerate
+
+
+def is_repetitive(text: str, max_repeats: int = REPEAT_MAX) -> bool:
+    """Degenerate repetition: some non-empty line, or some 4-gram of whitespace tokens, occurs more
+    than `max_repeats` times ("<think>\\n<think>\\n<think>…", "새로운 새로운 새로운 …")."""
+    lines = Counter(s.strip() for s in text.splitlines() if s.strip())
+    if lines and max(lines.values()) > max_repeats:
+        return True
+    words = text.split()
+    grams = Counter(tuple(words[i : i + 4]) for i in range(len(words) - 3))
+    return bool(grams) and max(grams.values()) > max_repeats
+
+
+def stratified_sample(items: Sequence[dict[str, Any]], n: int | None, seed: int) -> list[dict[str, Any]]:
+    """A deterministic sample of `n` items, stratified over (subject, file) in proportion to each
+    stratum's size (largest remainder), each stratum ordered by a seeded hash of the item id. The
+    whole set, in file order, when n is None or not smaller than the set."""
+    if n is None or n >= len(items):
+        return list(items)
+    strata: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for it in items:
+        strata.setdefault((str(it.get("subject", "")), str(it.get("file", ""))), []).append(it)
+    quota = {k: n * len(v) / len(items) for k, v in strata.items()}
+    take = {k: int(q) for k, q in quota.items()}
+    for k in sorted(quota, key=lambda k: (-(quota[k] - take[k]), k))[: n - sum(take.values())]:
+        take[k] += 1
+    chosen: set[int] = set()
+    for k, members in strata.items():
+        ranked = sorted(members, key=lambda it: hashlib.sha256(f"{seed}:{it['id']}".encode()).hexdigest())
+        chosen.update(id(it) for it in ranked[: take[k]])
+    return [it for it in items if id(it) in chosen]
+
+
+def strata_counts(items: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Items per subject (or per file where no subject is mapped), for the report."""
+    return dict(Counter(str(it.get("subject") or it.get("file") or "all") for it in items))

@@ -80,30 +80,37 @@ def masked_loss(model: Any, encoded: list[dict[str, list[int]]], batch_size: int
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": count}
 
 
-def greedy_generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[dict[str, Any]]:
-    """Batched greedy decoding with KV cache (left padding). Returns text, token ids and whether EOS stopped it."""
+def greedy_generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
+                    desc: str | None = None) -> list[dict[str, Any]]:
+    """Batched greedy decoding with KV cache (left padding). Returns text, token ids and whether EOS
+    stopped it, in the order of `prompts`. Prompts are batched by length (shortest first), so a batch
+    carries little padding; `desc` shows a progress bar with an ETA."""
     import torch
+    from tqdm.auto import tqdm
 
     model.eval()
     dev = next(model.parameters()).device
     old_side = tok.padding_side
     tok.padding_side = "left"
-    out: list[dict[str, Any]] = []
+    lengths = [len(ids) for ids in tok(prompts, add_special_tokens=True)["input_ids"]] if prompts else []
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    out: list[dict[str, Any] | None] = [None] * len(prompts)
+    starts = range(0, len(prompts), batch_size)
     try:
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
-            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=True).to(dev)
+        for i in tqdm(starts, desc=desc, unit="batch", disable=desc is None, mininterval=5.0):
+            idx = order[i : i + batch_size]
+            enc = tok([prompts[j] for j in idx], return_tensors="pt", padding=True, add_special_tokens=True).to(dev)
             with torch.no_grad():
                 gen = model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                 )
             new = gen[:, enc["input_ids"].shape[1] :]
-            for row in new.tolist():
+            for j, row in zip(idx, new.tolist(), strict=True):
                 stopped = tok.eos_token_id in row
                 ids = row[: row.index(tok.eos_token_id)] if stopped else row
                 ids = [t for t in ids if t != tok.pad_token_id]
-                out.append({"text": tok.decode(ids, skip_special_tokens=True), "ids": ids, "stopped": stopped})
+                out[j] = {"text": tok.decode(ids, skip_special_tokens=True), "ids": ids, "stopped": stopped}
     finally:
         tok.padding_side = old_side
-    return out
+    return [o for o in out if o is not None]

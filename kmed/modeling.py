@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -274,3 +275,83 @@ def load_causal_lm(folder: str | Path, dtype: Any = None, device: str = "cpu", t
         attn_implementation="sdpa",
     )
     return model.to(device)
+
+
+# --------------------------------------------------------------------------- inference placement
+
+
+def device_has_bf16() -> bool:
+    """CUDA with bf16, or a CPU with native bf16 matmul (AVX512-BF16 / AMX). Elsewhere bf16 is
+    emulated: on a 2-core AVX2 EPYC the evaluate stage ran ~6x slower under bf16 autocast than in
+    fp32 (issue 17), so every CPU path asks this before choosing bf16."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def checkpoint_bytes(folder: str | Path) -> int:
+    """Bytes of the safetensors weights in a model folder (what a 16-bit load needs, roughly)."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def load_for_inference(folder: str | Path, trust_remote_code: bool = False) -> tuple[Any, dict[str, Any]]:
+    """A model placed for evaluation: on CUDA in bf16 when its weights fit the free memory (with 25 %
+    headroom for the KV cache and activations), else 4-bit nf4 through bitsandbytes; on the CPU in
+    fp32 (bf16 autocast is the caller's choice, see `autocast_context`). Returns (model, notes):
+    notes has `on_gpu`, `load_4bit` (0/1) and `weights_gb`, recorded per model in the metrics.
+
+    KMED_GPU_MEM_GB caps the GPU memory planned for (a machine fact, not a recipe param: e.g. 24 to
+    behave as on an RTX 4090 while sharing a bigger card)."""
+    import torch
+
+    weights = checkpoint_bytes(folder)
+    notes: dict[str, Any] = {"on_gpu": 0, "load_4bit": 0, "weights_gb": round(weights / 2**30, 3)}
+    if not torch.cuda.is_available():
+        return load_causal_lm(folder, dtype=torch.float32, trust_remote_code=trust_remote_code), notes
+    from transformers import AutoModelForCausalLM
+
+    refuse_unsafe_model(Path(folder), trust_remote_code)
+    free, _ = torch.cuda.mem_get_info()
+    cap = os.environ.get("KMED_GPU_MEM_GB")
+    if cap:
+        free = min(free, float(cap) * 2**30 - torch.cuda.memory_reserved())
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # A bf16/fp16 checkpoint loads at its file size; an fp32 one is halved by the cast.
+    need = weights * (0.5 if _saved_fp32(folder) else 1.0) * 1.25
+    kw: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code,
+                          "attn_implementation": "sdpa", "device_map": {"": torch.cuda.current_device()}}
+    if need > free:
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        notes["load_4bit"] = 1
+        log.info("%s: %.1f GiB of weights do not fit %.1f GiB free on the GPU: loading 4-bit nf4",
+                 folder, need / 2**30, free / 2**30)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **kw)
+    notes["on_gpu"] = 1
+    return model, notes
+
+
+def _saved_fp32(folder: str | Path) -> bool:
+    import json
+
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    return str(cfg.get("torch_dtype") or cfg.get("dtype") or "") in ("float32", "torch.float32")
+
+
+def autocast_context(model: Any) -> Any:
+    """bf16 autocast on a CPU that has native bf16, else nothing (fp32 on the CPU; the GPU model is
+    already in its 16-bit or 4-bit dtype)."""
+    import contextlib
+
+    import torch
+
+    dev = next(model.parameters()).device
+    if dev.type == "cpu" and device_has_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from kmed.config import Params, load_params, resolved_dict
 from kmed.evaluation import (
     ANSWER_CUE,
@@ -29,9 +27,13 @@ from kmed.evaluation import (
     check_format,
     chrf,
     extract_letter,
+    is_repetitive,
     mcq_accuracy,
     mcq_question_text,
     regression_keys,
+    strata_counts,
+    stratified_sample,
+    wilson,
 )
 from kmed.io import StageError, read_jsonl, run_stage, write_json, write_jsonl, write_text_atomic
 from kmed.tracking import Tracker
@@ -42,25 +44,37 @@ TABLE_KEYS = regression_keys()
 
 
 def mcq_scores(model: Any, tok: Any, system: str, items: list[dict[str, Any]], batch: int) -> list[dict[str, float]]:
-    """Log-probability of each option letter right after the answer cue (one forward per item)."""
+    """Log-probability of each option letter right after the answer cue. Items are batched by length
+    (little padding) and the vocabulary projection runs only on each prompt's last position."""
     import torch
+    from tqdm.auto import tqdm
 
     from kmed.data import render_prompt
 
     letter_ids = {k: tok(k, add_special_tokens=False)["input_ids"][0] for k in LETTERS}
     prompts = [render_prompt(system, mcq_question_text(it)) + f"<think>\n\n</think>\n{ANSWER_CUE}" for it in items]
-    out: list[dict[str, float]] = []
-    tok.padding_side = "right"
+    ids = tok(prompts, add_special_tokens=True)["input_ids"] if prompts else []
+    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
+    out: list[dict[str, float] | None] = [None] * len(items)
     dev = next(model.parameters()).device
-    for i in tqdm(range(0, len(prompts), batch), desc="mcq", leave=False):
-        enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True).to(dev)
+    backbone, head = model.model, model.get_output_embeddings()
+    pad = tok.pad_token_id
+    for i in tqdm(range(0, len(order), batch), desc="mcq", unit="batch", mininterval=5.0):
+        idx = order[i : i + batch]
+        n = max(len(ids[j]) for j in idx)
+        x = torch.full((len(idx), n), pad, dtype=torch.long)
+        att = torch.zeros((len(idx), n), dtype=torch.long)
+        for r, j in enumerate(idx):  # right padding: positions stay those of an unpadded prompt
+            x[r, : len(ids[j])] = torch.tensor(ids[j])
+            att[r, : len(ids[j])] = 1
+        x, att = x.to(dev), att.to(dev)
         with torch.no_grad():
-            logits = model(**enc).logits.float()
-        last = enc["attention_mask"].sum(1) - 1
-        lp = torch.log_softmax(logits[torch.arange(len(last)), last], -1)
-        for j, it in enumerate(items[i : i + batch]):
-            out.append({k: lp[j, letter_ids[k]].item() for k in it["options"]})
-    return out
+            hidden = backbone(input_ids=x, attention_mask=att, use_cache=False).last_hidden_state
+            last = hidden[torch.arange(len(idx), device=dev), att.sum(1) - 1]
+            lp = torch.log_softmax(head(last).float(), -1)
+        for r, j in enumerate(idx):
+            out[j] = {k: lp[r, letter_ids[k]].item() for k in items[j]["options"]}
+    return [o for o in out if o is not None]
 
 
 def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -68,44 +82,57 @@ def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dic
 
     from kmed.data import EN2KO_INSTRUCTION, KO2EN_INSTRUCTION, render_prompt
     from kmed.lm import encode_records, greedy_generate, masked_loss
-    from kmed.modeling import load_causal_lm, load_tokenizer
+    from kmed.modeling import autocast_context, load_for_inference, load_tokenizer
 
     ec, system = params.evaluate, params.data.system_prompt
     folder = MODEL_DIRS[name]
     if not (folder / "config.json").exists():
         raise StageError(f"{folder} is missing; run the earlier stages first (`dvc repro`).")
+    t0 = time.time()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     tok = load_tokenizer(folder)
-    model = load_causal_lm(folder, dtype=torch.float32, trust_remote_code=params.model.trust_remote_code)
-    m: dict[str, float] = {}
+    model, notes = load_for_inference(folder, trust_remote_code=params.model.trust_remote_code)
+    model.eval()
+    m: dict[str, float] = {"on_gpu": notes["on_gpu"], "load_4bit": notes["load_4bit"]}
     gens: list[dict[str, Any]] = []
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
+    bs = ec.batch_size
+    with autocast_context(model):
         # Loss and perplexity on each stage's val split.
         for i, stage in ((1, "stage1"), (2, "stage2")):
             enc = encode_records(tok, sets[f"val_{stage}"], params.model.max_seq_length)
             if enc:
-                r = masked_loss(model, enc, ec.batch_size, tok.pad_token_id)
+                r = masked_loss(model, sorted(enc, key=lambda e: len(e["input_ids"])), bs, tok.pad_token_id)
                 m[f"val{i}_loss"], m[f"val{i}_ppl"] = r["loss"], r["ppl"]
 
-        # MCQ accuracy by answer-letter log-likelihood.
+        # MCQ accuracy by answer-letter log-likelihood, with its 95 % Wilson interval.
         items = sets["mcq"]
-        scores = mcq_scores(model, tok, system, items, ec.batch_size)
-        m["mcq_acc"] = mcq_accuracy(scores, [it["answer"] for it in items])
+        scores = mcq_scores(model, tok, system, items, bs)
+        hits = round(mcq_accuracy(scores, [it["answer"] for it in items]) * len(items))
+        m["mcq_acc"] = hits / max(len(items), 1)
+        m["mcq_acc_lo"], m["mcq_acc_hi"] = wilson(hits, len(items))
         m["mcq_n"] = len(items)
         if ec.mcq_generate:  # slower: let the model reason, then extract the letter it commits to
             prompts = [render_prompt(system, mcq_question_text(it)) for it in items]
-            outs = greedy_generate(model, tok, prompts, ec.max_new_tokens, ec.batch_size)
+            outs = greedy_generate(model, tok, prompts, ec.max_new_tokens, bs, desc="mcq generate")
             m["mcq_gen_acc"] = sum(extract_letter(o["text"]) == it["answer"] for o, it in zip(outs, items, strict=True)) / max(len(items), 1)
 
-        # Reasoning format on held-out medical questions.
+        # Reasoning format and degenerate repetition on held-out medical questions.
         qs = sets["format_questions"]
-        outs = greedy_generate(model, tok, [render_prompt(system, q) for q in qs], ec.max_new_tokens, ec.batch_size)
+        outs = greedy_generate(model, tok, [render_prompt(system, q) for q in qs], ec.max_new_tokens, bs,
+                               desc="medical generate")
         fmts = [check_format(o["text"]) for o in outs]
+        reps = [is_repetitive(o["text"]) for o in outs]
         if fmts:
-            m["format_ok"] = sum(f["ok"] for f in fmts) / len(fmts)
+            ok = sum(f["ok"] for f in fmts)
+            m["format_ok"] = ok / len(fmts)
+            m["format_ok_lo"], m["format_ok_hi"] = wilson(ok, len(fmts))
+            m["format_n"] = len(fmts)
+            m["repetition"] = sum(reps) / len(reps)
             m["think_chars"] = sum(f["think_chars"] for f in fmts) / len(fmts)
             m["eos_stop"] = sum(o["stopped"] for o in outs) / len(outs)
         gens += [{"model": name, "kind": "medical", "prompt": q, "output": o["text"], "format_ok": f["ok"],
-                  "stopped": o["stopped"]} for q, o, f in zip(qs, outs, fmts, strict=True)]
+                  "repetitive": r, "stopped": o["stopped"]} for q, o, f, r in zip(qs, outs, fmts, reps, strict=True)]
 
         # Translation, both directions.
         pairs = sets["koen"]
@@ -113,28 +140,48 @@ def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dic
             if not pairs:
                 continue
             prompts = [render_prompt(system, f"{instr}\n\n{p[src]}") for p in pairs]
-            outs = greedy_generate(model, tok, prompts, ec.max_new_tokens, ec.batch_size)
+            outs = greedy_generate(model, tok, prompts, ec.max_new_tokens, bs, desc=f"{direction} generate")
             hyps = [answer_text(o["text"]) for o in outs]
             refs = [p[tgt] for p in pairs]
             m[f"chrf_{direction}"] = chrf(hyps, refs)
             m[f"bleu_{direction}"] = bleu(hyps, refs, tgt)
             gens += [{"model": name, "kind": direction, "prompt": p[src], "reference": p[tgt], "output": h}
                      for p, h in zip(pairs[:3], hyps[:3], strict=False)]
+    m["seconds"] = round(time.time() - t0, 1)
+    if torch.cuda.is_available():
+        m["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return m, gens
 
 
-def regression_table(per_model: dict[str, dict[str, float]]) -> str:
+def _cell(mm: dict[str, float], k: str) -> str:
+    v = mm.get(k)
+    if not isinstance(v, float | int):
+        return "–"
+    lo, hi = mm.get(f"{k}_lo"), mm.get(f"{k}_hi")
+    return f"{v:.4g} [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else f"{v:.4g}"
+
+
+def regression_table(per_model: dict[str, dict[str, float]], mcq: list[dict[str, Any]], mcq_total: int) -> str:
     names = list(per_model)
     lines = ["# Evaluation: base → stage 1 → stage 2", "",
              "| metric | " + " | ".join(names) + " | Δ stage2 vs stage1 |", "|---" * (len(names) + 2) + "|"]
     for k in TABLE_KEYS:
-        vals = [per_model[n].get(k) for n in names]
-        cells = [f"{v:.4g}" if isinstance(v, float | int) else "–" for v in vals]
+        cells = [_cell(per_model[n], k) for n in names]
         a, b = per_model.get("stage1", {}).get(k), per_model.get("stage2", {}).get(k)
         delta = f"{b - a:+.4g}" if isinstance(a, float | int) and isinstance(b, float | int) else "–"
         lines.append(f"| {k} | " + " | ".join(cells) + f" | {delta} |")
-    lines += ["", "Lower is better for *_loss; higher for the rest. `format_ok`: share of generations with exactly one "
-              "well-formed `<think>…</think>` followed by a non-empty answer.", ""]
+    n_fmt = next((int(mm["format_n"]) for mm in per_model.values() if "format_n" in mm), 0)
+    strata = ", ".join(f"{k} {v}" for k, v in sorted(strata_counts(mcq).items()))
+    lines += ["", "Lower is better for *_loss and repetition; higher for the rest. Brackets: 95 % Wilson interval — "
+              "two models whose intervals overlap are not shown to differ. `format_ok`: share of generations with "
+              "exactly one well-formed `<think>…</think>` followed by a non-empty answer; `repetition`: share whose "
+              "output repeats a line or a 4-gram more than 3 times.", "",
+              f"MCQ items: {len(mcq)} of {mcq_total} (seeded sample stratified by subject/file: {strata}). "
+              f"Held-out medical prompts generated per model: {n_fmt}.", "",
+              "<details><summary>MCQ item ids used</summary>", "", " ".join(it["id"] for it in mcq), "", "</details>", ""]
     return "\n".join(lines)
 
 
@@ -155,8 +202,9 @@ def main() -> None:
         if not p.exists():
             raise StageError(f"{p} is missing; run `dvc repro preprocess` first.")
     val1, val2 = read_jsonl(need[2]), read_jsonl(need[3])
+    all_mcq = read_jsonl(need[0])
     sets = {
-        "mcq": read_jsonl(need[0])[: ec.mcq_limit],
+        "mcq": stratified_sample(all_mcq, ec.mcq_limit, params.train.seed),
         "koen": read_jsonl(need[1])[: ec.translation_limit],
         "val_stage1": val1[: ec.val_limit], "val_stage2": val2[: ec.val_limit],
         "format_questions": [_question(r["prompt"]) for r in val1][: ec.gen_limit],
@@ -167,7 +215,7 @@ def main() -> None:
     per_model: dict[str, dict[str, float]] = {}
     generations: list[dict[str, Any]] = []
     for name in ec.models:
-        log.info("evaluating %s", name)
+        log.info("evaluating %s (%d of %d)", name, len(per_model) + 1, len(ec.models))
         per_model[name], gens = evaluate_model(name, params, sets)
         generations += gens
         log.info("%s: %s", name, {k: round(v, 4) for k, v in per_model[name].items()})
@@ -179,7 +227,7 @@ def main() -> None:
     header = "model," + ",".join(TABLE_KEYS) + "\n"
     rows = "".join(n + "," + ",".join(f"{per_model[n].get(k, '')}" for k in TABLE_KEYS) + "\n" for n in per_model)
     write_text_atomic("metrics/eval-plot.csv", header + rows)
-    write_text_atomic("reports/eval.md", regression_table(per_model))
+    write_text_atomic("reports/eval.md", regression_table(per_model, sets["mcq"], len(all_mcq)))
     write_jsonl("reports/generations.jsonl", generations)
     with Tracker(params.mlflow, "evaluate", sec) as tr:
         tr.log_metrics(flat_m)

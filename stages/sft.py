@@ -35,6 +35,7 @@ from kmed.io import (
     write_json,
     write_text_atomic,
 )
+from kmed.modeling import device_has_bf16
 from kmed.tracking import Tracker
 
 log = logging.getLogger("stages.sft")
@@ -68,17 +69,6 @@ def stage_inputs(stage: str, params: Params) -> tuple[Path, Path | None]:
     if init == "merge_then_new_adapter":
         return Path("models/stage1/merged"), None
     return Path("models/base"), Path("models/stage1/adapter")
-
-
-def device_has_bf16() -> bool:
-    """CUDA with bf16, or a CPU with native bf16 matmul (AVX512-BF16 / AMX), where autocast to bf16
-    is about 3x faster than fp32 (measured on the 2-core EPYC machines, bench/RESULTS.md)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def use_bf16(setting: Any) -> bool:

@@ -11,8 +11,11 @@ from kmed.evaluation import (
     check_format,
     chrf,
     extract_letter,
+    is_repetitive,
     mcq_accuracy,
     regression_keys,
+    stratified_sample,
+    wilson,
 )
 
 ITEMS = [
@@ -91,3 +94,45 @@ def test_regression_keys_cover_table() -> None:
 )
 def test_answer_letter_extraction(text: str, letter: str | None) -> None:
     assert extract_letter(text) == letter
+
+
+def test_wilson_interval_known_values_and_edges() -> None:
+    lo, hi = wilson(6, 24)  # 0.25 on 24 items: wide, the reason a ±0.04 change there means nothing
+    assert lo == pytest.approx(0.1197, abs=1e-3) and hi == pytest.approx(0.4489, abs=1e-3)
+    assert wilson(0, 10)[0] == 0.0 and 0.0 < wilson(0, 10)[1] < 0.35
+    assert wilson(10, 10)[1] == 1.0 and 0.65 < wilson(10, 10)[0] < 1.0
+    assert wilson(0, 0) == (0.0, 1.0)
+    narrow, wide = wilson(50, 100), wilson(5, 10)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "bad"),
+    [
+        ("<think>\n<think>\n<think>\n<think>\n<think>", True),
+        ("새로운 " * 12, True),
+        ("the patient has the patient has the patient has the patient has the patient has", True),
+        ("<think>\nST elevation in II, III, aVF points to the RCA.\n</think>\nInferior STEMI; avoid nitrates.", False),
+        ("<think>\n\n</think>\n하루 세 번 식후에 복용하세요.", False),
+        ("a\na\na\nb", False),  # three repeats are allowed, four are not
+        ("", False),
+    ],
+)
+def test_is_repetitive(text: str, bad: bool) -> None:
+    assert is_repetitive(text) is bad
+
+
+def test_stratified_sample_is_seeded_proportional_and_in_file_order() -> None:
+    items = [{"id": f"d{i}", "subject": "doctor", "file": "a.csv"} for i in range(60)]
+    items += [{"id": f"n{i}", "subject": "nurse", "file": "a.csv"} for i in range(30)]
+    items += [{"id": f"p{i}", "subject": "pharm", "file": "b.csv"} for i in range(10)]
+    got = stratified_sample(items, 20, seed=3407)
+    assert len(got) == 20
+    by = {s: sum(it["subject"] == s for it in got) for s in ("doctor", "nurse", "pharm")}
+    assert by == {"doctor": 12, "nurse": 6, "pharm": 2}  # proportional, not the first 20 rows (all doctor)
+    assert got == stratified_sample(items, 20, seed=3407)  # deterministic
+    assert got != stratified_sample(items, 20, seed=1)  # the seed matters
+    pos = [items.index(it) for it in got]
+    assert pos == sorted(pos)  # file order kept
+    assert stratified_sample(items, None, seed=3407) == items
+    assert stratified_sample(items, 500, seed=3407) == items
