@@ -179,6 +179,12 @@ class ExportCfg(_Frozen):
     # GGUF parity: greedy tokens that must match the merged HF model, and the allowed perplexity
     # rise of each quant over f16.
     parity_tokens: int = Field(16, ge=1)
+    # Work of the perplexity checks (HF and every GGUF): held-out texts and tokens per text.
+    check_texts: int = Field(8, ge=1)
+    check_max_tokens: int = Field(256, ge=8)
+    # A chat completion of each GGUF must end at EOS (proves the chat template and stop token). Off
+    # only for random-weight benchmarks (bench/gpu_pipeline.py), which never say EOS.
+    chat_must_stop: bool = True
     min_token_agreement: dict[str, float] = Field(default_factory=dict)
     max_ppl_delta: dict[str, float] = Field(default_factory=dict)
     push_to_hub: bool = False

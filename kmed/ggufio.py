@@ -137,10 +137,30 @@ def check_chat_template(template: str) -> None:
 
 
 # --- parity with the merged HF model -----------------------------------------------------------
-def open_gguf(path: Path, n_ctx: int = 1024, logits_all: bool = False) -> Any:
+def cpu_threads() -> int:
+    """The cores this process may run on (cgroup/affinity aware), for llama.cpp's threads."""
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def gpu_offload() -> int:
+    """n_gpu_layers for llama.cpp: every layer (-1) when llama-cpp-python was built with a GPU backend
+    (CMAKE_ARGS="-DGGML_CUDA=on") and a GPU is there, else 0 (CPU)."""
+    import llama_cpp
+
+    try:
+        return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+    except AttributeError:  # very old bindings
+        return 0
+
+
+def open_gguf(path: Path, n_ctx: int = 1024, logits_all: bool = False, n_threads: int = 2,
+              n_gpu_layers: int = 0) -> Any:
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=logits_all, verbose=False, seed=0)
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                 logits_all=logits_all, verbose=False, seed=0)
 
 
 def greedy_ids(llm: Any, prompt_ids: list[int], n: int) -> list[int]:
@@ -200,9 +220,10 @@ def hf_ppl(model: Any, texts_ids: list[list[int]]) -> float:
     import torch
 
     nll, count = 0.0, 0
+    dev = next(model.parameters()).device
     with torch.no_grad():
         for ids in texts_ids:
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=dev)
             logp = torch.log_softmax(model(input_ids=x).logits.float()[0, :-1], -1)
             nll -= logp.gather(1, x[0, 1:, None]).sum().item()
             count += len(ids) - 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def heldout_ids(tok: Any, limit: int = 8, max_len: int = 256) -> list[list[int]]:
+def heldout_ids(tok: Any, limit: int, max_len: int) -> list[list[int]]:
     rows: list[dict[str, Any]] = []
     for stage in ("stage1", "stage2"):
         p = Path(f"data/processed/{stage}/val.jsonl")
@@ -127,8 +128,10 @@ def main() -> None:
         check_chat_template,
         check_meta,
         convert_f16,
+        cpu_threads,
         forced_agreement,
         gguf_ppl,
+        gpu_offload,
         greedy_ids,
         hf_ppl,
         open_gguf,
@@ -136,68 +139,84 @@ def main() -> None:
         read_meta,
     )
     from kmed.lm import greedy_generate
-    from kmed.modeling import load_causal_lm, load_tokenizer
+    from kmed.modeling import autocast_context, load_for_inference, load_tokenizer
 
     t0 = time.time()
     tok = load_tokenizer(SRC)
     check_chat_template(tok.chat_template or "")
 
-    # Reference: the merged HF model's greedy continuations and perplexity.
-    hf = load_causal_lm(SRC, dtype=torch.float32, trust_remote_code=params.model.trust_remote_code)
+    # Reference: the merged HF model's greedy continuations and perplexity (on the GPU when there is
+    # one: bf16 if it fits, else 4-bit; fp32 on the CPU).
+    hf, placed = load_for_inference(SRC, trust_remote_code=params.model.trust_remote_code)
     prompts = [render_prompt(params.data.system_prompt, q) for q in QUESTIONS]
-    ref = [g["ids"] for g in greedy_generate(hf, tok, prompts, ec.parity_tokens, batch_size=1)]
-    texts = heldout_ids(tok)
-    ppl_hf = hf_ppl(hf, texts)
+    texts = heldout_ids(tok, ec.check_texts, ec.check_max_tokens)
+    with autocast_context(hf):
+        ref = [g["ids"] for g in greedy_generate(hf, tok, prompts, ec.parity_tokens, batch_size=1)]
+        ppl_hf = hf_ppl(hf, texts)
     del hf
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
-    metrics: dict[str, Any] = {"hf.ppl": ppl_hf}
+    threads, n_gpu = cpu_threads(), gpu_offload()
+    metrics: dict[str, Any] = {"hf.ppl": ppl_hf, "hf.on_gpu": placed["on_gpu"], "hf.load_4bit": placed["load_4bit"],
+                               "threads": threads, "gguf_gpu_offload": int(n_gpu != 0)}
+    log.info("llama.cpp: %d threads, %s", threads, "all layers on the GPU" if n_gpu else "CPU only")
     files: dict[str, dict[str, Any]] = {}
+
+    def verify(q: str, path: Path, base_ppl: float | None) -> float:
+        """Metadata, greedy agreement, perplexity and a chat completion of one GGUF; fails below params."""
+        meta = read_meta(path)
+        check_meta(meta, tok, path.name)
+        llm = open_gguf(path, logits_all=True, n_threads=threads, n_gpu_layers=n_gpu)
+        try:
+            pids = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+            agree = sum(forced_agreement(llm, p, r) for p, r in zip(pids, ref, strict=True)) / len(ref)
+            got = [greedy_ids(llm, p, ec.parity_tokens) for p in pids]
+            prefix = sum(agreement(a, b, ec.parity_tokens) for a, b in zip(ref, got, strict=True)) / len(ref)
+            ppl = gguf_ppl(llm, texts)
+            chat = llm.create_chat_completion(
+                messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=256, temperature=0.0
+            )
+        finally:
+            llm.close()
+        delta = ppl / base_ppl - 1 if base_ppl else 0.0
+        finish = chat["choices"][0]["finish_reason"]
+        metrics.update({f"{q}.token_agreement": agree, f"{q}.greedy_prefix": prefix, f"{q}.ppl": ppl, f"{q}.ppl_delta_vs_f16": delta,
+                        f"{q}.chat_stopped": int(finish == "stop"), f"{q}.tensors": meta["tensor_count"]})
+        log.info("%s: token agreement %.3f (greedy prefix %.3f) ppl %.3f (Δ %.2f%% vs f16) finish=%s", q, agree,
+                 prefix, ppl, 100 * delta, finish)
+        min_agree, max_delta = ec.min_token_agreement.get(q), ec.max_ppl_delta.get(q)
+        if min_agree is not None and agree < min_agree:
+            raise StageError(f"{path.name}: greedy token agreement {agree:.3f} is below export.min_token_agreement.{q}={min_agree}.")
+        if max_delta is not None and delta > max_delta:
+            raise StageError(f"{path.name}: perplexity rose {delta:.1%} over f16, above export.max_ppl_delta.{q}={max_delta}.")
+        if finish != "stop" and ec.chat_must_stop:
+            raise StageError(f"{path.name}: a chat completion did not end at EOS (finish_reason {finish!r}).")
+        return ppl
+
     with atomic_dir(OUT) as tmp:
-        # Convert, then quantize from f16.
+        # Convert (llama.cpp's converter reads tensors lazily: memory stays near one tensor), check f16.
         f16 = tmp / "model-f16.gguf"
-        convert_f16(SRC, f16)
         t_conv = time.time()
+        convert_f16(SRC, f16)
+        metrics["convert_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+        base_ppl = verify("f16", f16, None)
+
+        # Quantize from f16; the f16 intermediate goes as soon as the last quantization is written
+        # (a 32B f16 GGUF is 65 GB), unless it is itself listed in export.quantizations.
         ggufs = {"f16": f16}
         for q in ec.quantizations:
             if q != "f16":
                 ggufs[q] = tmp / f"model-{q}.gguf"
-                quantize(f16, ggufs[q], q)
+                quantize(f16, ggufs[q], q, threads)
         metrics["convert_quantize_seconds"] = round(time.time() - t_conv, 1)
-
-        # Verify each GGUF: metadata, greedy agreement, perplexity, a chat completion that stops.
-        base_ppl = None
-        for q, path in ggufs.items():
-            meta = read_meta(path)
-            check_meta(meta, tok, path.name)
-            llm = open_gguf(path, logits_all=True)
-            try:
-                pids = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
-                agree = sum(forced_agreement(llm, p, r) for p, r in zip(pids, ref, strict=True)) / len(ref)
-                got = [greedy_ids(llm, p, ec.parity_tokens) for p in pids]
-                prefix = sum(agreement(a, b, ec.parity_tokens) for a, b in zip(ref, got, strict=True)) / len(ref)
-                ppl = gguf_ppl(llm, texts)
-                chat = llm.create_chat_completion(
-                    messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=256, temperature=0.0
-                )
-            finally:
-                llm.close()
-            base_ppl = ppl if q == "f16" else base_ppl
-            delta = ppl / base_ppl - 1 if base_ppl else 0.0
-            finish = chat["choices"][0]["finish_reason"]
-            metrics.update({f"{q}.token_agreement": agree, f"{q}.greedy_prefix": prefix, f"{q}.ppl": ppl, f"{q}.ppl_delta_vs_f16": delta,
-                            f"{q}.chat_stopped": int(finish == "stop"), f"{q}.tensors": meta["tensor_count"]})
-            log.info("%s: token agreement %.3f (greedy prefix %.3f) ppl %.3f (Δ %.2f%% vs f16) finish=%s", q, agree,
-                     prefix, ppl, 100 * delta, finish)
-            min_agree, max_delta = ec.min_token_agreement.get(q), ec.max_ppl_delta.get(q)
-            if min_agree is not None and agree < min_agree:
-                raise StageError(f"{path.name}: greedy token agreement {agree:.3f} is below export.min_token_agreement.{q}={min_agree}.")
-            if max_delta is not None and delta > max_delta:
-                raise StageError(f"{path.name}: perplexity rose {delta:.1%} over f16, above export.max_ppl_delta.{q}={max_delta}.")
-            if finish != "stop":
-                raise StageError(f"{path.name}: a chat completion did not end at EOS (finish_reason {finish!r}).")
         if "f16" not in ec.quantizations:
             f16.unlink()
             del ggufs["f16"]
+        for q, path in ggufs.items():
+            if q != "f16":
+                verify(q, path, base_ppl)
+        metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
         # Model card, Ollama Modelfile.
         for q, path in ggufs.items():
