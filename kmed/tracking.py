@@ -149,8 +149,19 @@ def _short(v: Any) -> str:
 
 
 def _local_uri(uri: str) -> str:
+    """A relative local store lives in the repo root — also for `dvc exp run --temp`/`--queue`, whose
+    stages run in a throwaway copy under .dvc/tmp/exps/ (a store there would vanish with the copy)."""
     if "://" in uri or uri.startswith("file:"):
         return uri
-    path = Path(uri).resolve()
+    path = (workspace_root(Path.cwd()) / uri).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def workspace_root(cwd: Path) -> Path:
+    """The user's repo for a cwd inside DVC's experiment copies (<repo>/.dvc/tmp/exps/...), else cwd."""
+    parts = cwd.resolve().parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
