@@ -1,0 +1,200 @@
+"""The recipe's stages at real size: sft-stage1 -> merge@stage1 -> sft-stage2 -> merge@stage2 -> evaluate ->
+export, each the project's own stage command, on a random-weight model with a real architecture's shapes.
+
+    python bench/gpu_pipeline.py prepare --shape 7b --work /tmp/pipe --assets .gpu_carry --steps 5
+    python bench/gpu_pipeline.py stages --work /tmp/pipe --results $OUT/pipeline.jsonl            # all six
+    python bench/gpu_pipeline.py stages --work /tmp/pipe --only merge@stage1 --results ...      # one
+    python bench/gpu_pipeline.py table --results pipeline.jsonl
+
+`prepare` builds the base as a pre-quantized bitsandbytes NF4 checkpoint, layer by layer (bench/build_4bit.py:
+the form of the seed's `unsloth/DeepSeek-R1-Distill-Qwen-32B-unsloth-bnb-4bit`, so merge takes its dequantize
+path), swaps in the embedded SmolLM2 tokenizer from `--assets` (llama.cpp's converter knows its pre-tokenizer;
+the model's 152k vocabulary is padded), copies `--assets/processed` to data/processed (the repo's preprocess
+output: short records, so sequence lengths are the data's, not 2048) and writes params.yaml = the production
+recipe with the bench's overrides (steps, evaluate sizes, export checks that do not gate: a random-weight
+model has no meaningful greedy agreement and never says EOS).
+
+`stages` runs each stage as `python -m stages.<module> ...` in the workdir with PYTHONPATH at the repo root,
+through a wrapper process, and records per stage: wall seconds, peak RSS of the stage's process tree
+(RUSAGE_CHILDREN of the wrapper), peak GPU memory in use (nvidia-smi, polled every 0.2 s), bytes its outputs
+add on disk, the stage's own metrics, and the exit code. One JSON row per stage.
+
+Only the standard library at module level (the stages import torch themselves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES: dict[str, tuple[list[str], list[str], str]] = {  # name: (command, outputs, metrics file)
+    "sft-stage1": (["-m", "stages.sft", "stage1"], ["models/stage1/adapter", "models/checkpoints/stage1"],
+                   "metrics/sft-stage1.json"),
+    "merge@stage1": (["-m", "stages.merge", "stage1"], ["models/stage1/merged"], "metrics/merge-stage1.json"),
+    "sft-stage2": (["-m", "stages.sft", "stage2"], ["models/stage2/adapter", "models/checkpoints/stage2"],
+                   "metrics/sft-stage2.json"),
+    "merge@stage2": (["-m", "stages.merge", "stage2"], ["models/stage2/merged"], "metrics/merge-stage2.json"),
+    "evaluate": (["-m", "stages.evaluate"], ["reports"], "metrics/eval.json"),
+    "export": (["-m", "stages.export"], ["models/export"], "metrics/export.json"),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+WRAP = ("import json, resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+        "print('KMED_BENCH ' + json.dumps({'rc': rc, 'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+
+
+def du(paths: list[Path]) -> int:
+    total = 0
+    for p in paths:
+        if p.is_file():
+            total += p.stat().st_blocks * 512
+        elif p.is_dir():
+            total += sum(f.stat().st_blocks * 512 for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+    return total
+
+
+def cmd_prepare(a: argparse.Namespace) -> None:
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from build_4bit import RMS_NORM_EPS, SHAPES, build
+
+    work, assets = Path(a.work), Path(a.assets)
+    base = work / "models/base"
+    if base.exists():
+        shutil.rmtree(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    res = build(SHAPES[a.shape], base, rms_norm_eps=RMS_NORM_EPS.get(a.shape, 1e-6))
+    for f in TOKENIZER_FILES:
+        shutil.copy(assets / f, base / f)
+    tcfg = json.loads((assets / "tokenizer_config.json").read_text())
+    ids = json.loads((assets / "ids.json").read_text())  # bos/eos/pad ids of the SmolLM2 tokenizer
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((base / name).read_text())
+        cfg.update({"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]})
+        (base / name).write_text(json.dumps(cfg, indent=2) + "\n")
+    shutil.copytree(assets / "processed", work / "data/processed", dirs_exist_ok=True)
+
+    raw = yaml.safe_load((ROOT / "recipes/r1-32b-medical-ko.yaml").read_text())
+    raw["model"].update(base="models/base", revision=None, max_seq_length=2048)
+    raw["sft_stage1"]["max_steps"] = raw["sft_stage2"]["max_steps"] = a.steps
+    raw["evaluate"].update(mcq_limit=16, gen_limit=4, translation_limit=4, max_new_tokens=32, batch_size=8)
+    raw["export"].update(quantizations=["q4_k_m"], min_token_agreement={}, max_ppl_delta={}, parity_tokens=8,
+                         check_texts=2, check_max_tokens=128, chat_must_stop=False)
+    raw["mlflow"]["enabled"] = False
+    (work / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
+    print(json.dumps({"mode": "prepare", "shape": a.shape, "params": res["params"], "eos": tcfg.get("eos_token"),
+                      "base_bytes": du([base]), "secs": round(time.time() - t0, 1)}), flush=True)
+
+
+def gpu_used_mib() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return max(int(x) for x in out.split())
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return -1
+
+
+def run_stage(name: str, work: Path, shape: str) -> dict[str, Any]:
+    cmd, outs, metrics_file = STAGES[name]
+    out_paths = [work / o for o in outs]
+    before = du(out_paths)
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", KMED_MLFLOW="0",
+               PYTHONUNBUFFERED="1")
+    idle, peak, stop = gpu_used_mib(), [0], threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], gpu_used_mib())
+            stop.wait(0.2)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", WRAP, sys.executable, *cmd], cwd=work, env=env,
+                          capture_output=True, text=True)
+    secs = time.time() - t0
+    stop.set()
+    th.join()
+    wrap = next((json.loads(line[len("KMED_BENCH "):]) for line in proc.stdout.splitlines()
+                 if line.startswith("KMED_BENCH ")), {"rc": proc.returncode, "maxrss_kb": 0})
+    (work / "logs").mkdir(exist_ok=True)
+    (work / "logs" / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    mpath = work / metrics_file
+    metrics = json.loads(mpath.read_text()) if mpath.exists() and wrap["rc"] == 0 else {}
+    row = {"mode": "pipeline", "shape": shape, "stage": name, "rc": wrap["rc"], "secs": round(secs, 1),
+           "peak_rss_gib": round(wrap["maxrss_kb"] / 2**20, 2),
+           "peak_gpu_gib": round((peak[0] - max(idle, 0)) / 1024, 2) if peak[0] > 0 else None,
+           "disk_gib": round((du(out_paths) - before) / 2**30, 2), "metrics": metrics,
+           "date": time.strftime("%Y-%m-%d"), "gpu": gpu_name()}
+    if wrap["rc"] != 0:
+        row["error_tail"] = (proc.stderr or proc.stdout)[-1500:]
+    return row
+
+
+def gpu_name() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=10).stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "none"
+
+
+def cmd_stages(a: argparse.Namespace) -> None:
+    work = Path(a.work)
+    names = a.only.split(",") if a.only else list(STAGES)
+    shape = json.loads((work / "models/base/config.json").read_text()).get("hidden_size")
+    for name in names:
+        row = run_stage(name, work, a.shape or str(shape))
+        print(json.dumps({k: v for k, v in row.items() if k != "metrics"}), flush=True)
+        with open(a.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if row["rc"] != 0 and not a.keep_going:
+            raise SystemExit(f"{name} failed (rc {row['rc']}); see {work}/logs/{name}.log")
+
+
+def cmd_table(a: argparse.Namespace) -> None:
+    rows = [json.loads(line) for line in Path(a.results).read_text().splitlines() if line.strip()]
+    print("| shape | stage | rc | wall s | peak RSS GiB | peak GPU GiB | disk GiB |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        if r.get("mode") == "pipeline":
+            print(f"| {r['shape']} | {r['stage']} | {r['rc']} | {r['secs']} | {r['peak_rss_gib']} | "
+                  f"{r['peak_gpu_gib']} | {r['disk_gib']} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--shape", required=True)
+    p.add_argument("--work", required=True)
+    p.add_argument("--assets", required=True)
+    p.add_argument("--steps", type=int, default=5)
+    p.set_defaults(fn=cmd_prepare)
+    p = sub.add_parser("stages")
+    p.add_argument("--work", required=True)
+    p.add_argument("--results", required=True)
+    p.add_argument("--only", default="")
+    p.add_argument("--shape", default="")
+    p.add_argument("--keep-going", action="store_true")
+    p.set_defaults(fn=cmd_stages)
+    p = sub.add_parser("table")
+    p.add_argument("--results", required=True)
+    p.set_defaults(fn=cmd_table)
+    a = ap.parse_args()
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()
