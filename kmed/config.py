@@ -98,13 +98,16 @@ class TrainCfg(_Frozen):
 
 class SourceCfg(_Frozen):
     name: str
-    kind: Literal["hf", "jsonl", "csv", "xlsx", "parquet"]
+    kind: Literal["hf", "jsonl", "json", "csv", "xlsx", "parquet"]
     path: str | None = None
     hub_id: str | None = None
     revision: str | None = None
     config: str | None = None
     split: str = "train"
     sheet: str | int | None = None
+    # kind json (or jsonl holding a JSON document): the key of the top-level object that holds the
+    # records list; null = the array itself, or the object's only list-of-objects value.
+    records_key: str | None = None
     fields: dict[str, str] = Field(default_factory=dict)
     limit: int | None = Field(None, ge=1)
     weight: float = Field(1.0, gt=0)
@@ -117,6 +120,8 @@ class SourceCfg(_Frozen):
                 raise ValueError(f"source {self.name!r} of kind hf needs hub_id and a pinned revision")
         elif not self.path:
             raise ValueError(f"source {self.name!r} of kind {self.kind} needs a path")
+        if self.records_key is not None and self.kind not in ("json", "jsonl"):
+            raise ValueError(f"source {self.name!r}: records_key is for kind json, not {self.kind}")
         return self
 
 

@@ -46,7 +46,13 @@ SCHEMAS: dict[str, dict[str, bool]] = {
 }
 TRAIN_TASKS = ("reasoning", "instruction", "translation")
 MCQ_LETTERS = ("A", "B", "C", "D", "E")
-FOLDER_GLOBS = {"jsonl": "*.jsonl", "csv": "*.csv", "xlsx": "*.xlsx", "parquet": "*.parquet"}
+FOLDER_GLOBS = {
+    "jsonl": "*.jsonl",
+    "json": "*.json",
+    "csv": "*.csv",
+    "xlsx": "*.xlsx",
+    "parquet": "*.parquet",
+}
 # Above this ratio of uncompressed to compressed size an .xlsx is treated as a zip bomb.
 MAX_XLSX_RATIO = 100.0
 PROGRESS_MIN_ROWS = 20_000
@@ -269,6 +275,7 @@ class Row:
     cols: dict[str, str]  # schema field -> source column
     raw: tuple[str, ...]
     values: dict[str, str] = field(default_factory=dict)
+    file: str = ""  # the file's display name (the Hub split's label for hf sources)
 
     def loc(self) -> str:
         return f"{self.where} {self.unit} {self.n}"
@@ -281,6 +288,7 @@ class _Raw:
     n: int
     get: Any  # column -> value
     cell: Any = None  # column -> spreadsheet cell name, for xlsx
+    file: str = ""
 
 
 def _norm_header(h: Any) -> str:
@@ -304,8 +312,138 @@ def _progress(it: Iterable[Any], total: int | None, desc: str) -> Iterable[Any]:
     return tqdm(it, total=total, desc=desc, unit="rows", mininterval=2.0)
 
 
-def _iter_jsonl(path: Path, label: str, wanted: dict[str, str], required: dict[str, bool]) -> Iterator[_Raw]:
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _json_type(v: Any) -> str:
+    return "null" if v is None else _JSON_TYPES.get(type(v), type(v).__name__)
+
+
+def _iter_json(
+    path: Path,
+    label: str,
+    wanted: dict[str, str],
+    required: dict[str, bool],
+    kind: str,
+    records_key: str | None,
+) -> Iterator[_Raw]:
+    """A .json or .jsonl file in whichever layout it holds (detected from the content, logged when it
+    differs from the kind): JSON Lines, a JSON array of objects, or an object holding the records list
+    under a key. JSON Lines are read line by line; a document is parsed whole with json.loads (a
+    500 MB array needs a few GB of RAM; convert much bigger files to JSON Lines)."""
     text = _read_text(path, label)
+    doc = _json_document(text, label, kind, records_key, wanted, required)
+    if doc is None:
+        yield from _iter_jsonl(text, label, wanted, required)
+        return
+    del text
+    records = _json_records(doc, label, records_key, wanted, required)
+    if not records:
+        raise StageError(f"{label}: the JSON {_json_type(doc)} holds no records.")
+    for i, obj in enumerate(_progress(records, len(records), f"read {label}"), 1):
+        if not isinstance(obj, dict):
+            raise StageError(f"{label} record {i}: expected a JSON object, got a JSON {_json_type(obj)}.")
+        _missing_columns(f"{label} record {i}", wanted, required, list(obj))
+        yield _Raw(label, "record", i, obj.get)
+
+
+def _json_document(
+    text: str,
+    label: str,
+    kind: str,
+    records_key: str | None,
+    wanted: dict[str, str],
+    required: dict[str, bool],
+) -> Any:
+    """The parsed JSON document, or None when the text is JSON Lines (one object per line)."""
+    stripped = text.lstrip()
+    head = stripped[:1]
+    if kind == "jsonl" and head != "[" and records_key is None:
+        first = stripped.split("\n", 1)[0].strip()
+        try:
+            obj = json.loads(first)
+        except json.JSONDecodeError:
+            if first != "{":  # a bad first line; a lone "{" opens a pretty-printed document
+                return None
+        else:
+            # One line holding {"data": [...]} is a document; any other parsed line starts JSON Lines.
+            one_line = not stripped.rstrip().count("\n")
+            if not (
+                one_line
+                and isinstance(obj, dict)
+                and _records_holder(obj)
+                and not _has_columns(obj, wanted, required)
+            ):
+                return None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and head == "{":  # several top-level objects: JSON Lines
+            if kind == "json":
+                log.info("%s: JSON Lines (one object per line), read line by line", label)
+            return None
+        raise StageError(f"{label} line {e.lineno}: malformed JSON ({e.msg} at column {e.colno}).") from None
+    if kind == "jsonl":
+        log.info("%s: a JSON %s, not JSON Lines; read as kind json", label, _json_type(doc))
+    return doc
+
+
+def _records_holder(obj: dict[str, Any]) -> list[str]:
+    """Top-level keys whose value is a non-empty list of objects."""
+    return [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+
+
+def _has_columns(obj: dict[str, Any], wanted: dict[str, str], required: dict[str, bool]) -> bool:
+    return all(col in obj for f, col in wanted.items() if required[f])
+
+
+def _json_records(
+    doc: Any, label: str, records_key: str | None, wanted: dict[str, str], required: dict[str, bool]
+) -> list[Any]:
+    """The records list of a JSON document: the array itself, or the list under `records_key` (or under
+    the object's only key that holds a list of objects)."""
+    if isinstance(doc, list):
+        if records_key is not None:
+            raise StageError(
+                f"{label}: records_key is {records_key!r} but the file is a JSON array, not an object."
+            )
+        return doc
+    if not isinstance(doc, dict):
+        raise StageError(f"{label}: expected a JSON array of objects, got a JSON {_json_type(doc)}.")
+    keys = _q(list(doc)[:12]) + (", ..." if len(doc) > 12 else "")
+    if records_key is not None:
+        if records_key not in doc:
+            raise StageError(
+                f"{label}: there is no top-level key {records_key!r} (records_key; keys: {keys or 'none'})."
+            )
+        recs = doc[records_key]
+        if not isinstance(recs, list):
+            raise StageError(
+                f"{label}: key {records_key!r} holds a JSON {_json_type(recs)}, not a list of records."
+            )
+        log.info("%s: records under the key %r (records_key)", label, records_key)
+        return recs
+    holders = _records_holder(doc)
+    if len(holders) == 1:
+        log.info(
+            "%s: records under the key %r (the only list of objects; records_key picks another)",
+            label,
+            holders[0],
+        )
+        return doc[holders[0]]
+    if len(holders) > 1:
+        raise StageError(
+            f"{label}: several top-level keys hold lists of records ({_q(holders)}); set records_key on the source to pick one."
+        )
+    if _has_columns(doc, wanted, required):
+        return [doc]  # a single record
+    raise StageError(
+        f"{label}: a JSON object with no list of records under any key (keys: {keys or 'none'}); give a JSON array "
+        "or set records_key on the source."
+    )
+
+
+def _iter_jsonl(text: str, label: str, wanted: dict[str, str], required: dict[str, bool]) -> Iterator[_Raw]:
     lines = text.split("\n")  # not splitlines(): U+2028 may sit unescaped inside a JSON string
     if lines and not lines[-1].strip():
         lines.pop()
@@ -545,7 +683,7 @@ def _iter_hf(src: SourceCfg, root: Path, wanted: dict[str, str], required: dict[
     data = ds.select_columns(cols).to_dict()
     for i in _progress(range(len(ds)), len(ds), f"read {src.name}"):
         vals = {c: data[c][i] for c in cols}
-        yield _Raw(label, "row", i, vals.get)
+        yield _Raw(label, "row", i, vals.get, file=label)
 
 
 def source_fields(src: SourceCfg) -> dict[str, str]:
@@ -598,7 +736,17 @@ def read_source(src: SourceCfg, root: Path, max_xlsx_mb: float) -> tuple[list[Ro
                 where = f" (cell {raw.cell(col)})" if raw.cell else ""
                 raise StageError(f"{raw.where} {raw.unit} {raw.n}{where}: empty required column {col!r}.")
         rows.append(
-            Row(src.name, src.task, raw.where, raw.unit, raw.n, wanted, (src.task, *texts.values()), values)
+            Row(
+                src.name,
+                src.task,
+                raw.where,
+                raw.unit,
+                raw.n,
+                wanted,
+                (src.task, *texts.values()),
+                values,
+                raw.file,
+            )
         )
     return rows, blank
 
@@ -608,14 +756,17 @@ def _iter_files(
 ) -> Iterator[_Raw]:
     for path in resolve_source_files(src, root):
         label = display(path, root)
-        if src.kind == "jsonl":
-            yield from _iter_jsonl(path, label, wanted, required)
+        if src.kind in ("jsonl", "json"):
+            raws = _iter_json(path, label, wanted, required, src.kind, src.records_key)
         elif src.kind == "csv":
-            yield from _iter_csv(path, label, wanted, required)
+            raws = _iter_csv(path, label, wanted, required)
         elif src.kind == "parquet":
-            yield from _iter_parquet(path, label, wanted, required)
+            raws = _iter_parquet(path, label, wanted, required)
         else:
-            yield from _iter_xlsx(path, label, wanted, required, src, max_xlsx_mb)
+            raws = _iter_xlsx(path, label, wanted, required, src, max_xlsx_mb)
+        for raw in raws:
+            raw.file = label
+            yield raw
 
 
 # --------------------------------------------------------------------------- row checks

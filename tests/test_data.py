@@ -334,7 +334,7 @@ def test_header_only_and_empty_sheets(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "csv", "xlsx", "parquet"])
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "xlsx", "parquet"])
 def test_empty_file(tmp_path: Path, kind: str) -> None:
     (tmp_path / f"e.{kind}").write_bytes(b"" if kind != "jsonl" else b"\n  \n")
     msg = error_of(read, tmp_path, one_source(tmp_path, kind, f"e.{kind}", "pairs", {}))
@@ -373,6 +373,118 @@ def test_malformed_jsonl_line(tmp_path: Path) -> None:
     (tmp_path / "m.jsonl").write_text('{"ko": "a", "en": "b"}\n\n{"ko": "c", "en": }\n', encoding="utf-8")
     msg = error_of(read, tmp_path, one_source(tmp_path, "jsonl", "m.jsonl", "pairs", {}))
     assert msg.startswith("m.jsonl line 3: malformed JSON (")
+
+
+# --------------------------------------------------------------------------- JSON layouts
+
+
+def test_json_array_object_and_lines_are_read_by_either_kind(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The published layouts: a (pretty-printed) JSON array, an object holding the records under a key
+    (found alone or named by records_key), JSON Lines; the layout comes from the content, not the kind."""
+    rows = reasoning_rows(3)
+    array = json.dumps(rows, ensure_ascii=False, indent=2)
+    (tmp_path / "a.json").write_text(array, encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text(array, encoding="utf-8")  # an array behind a .jsonl name
+    (tmp_path / "o.json").write_text(json.dumps({"version": "1.0", "data": rows}, indent=1), encoding="utf-8")
+    (tmp_path / "o.jsonl").write_text(json.dumps({"data": rows}), encoding="utf-8")  # one line, a document
+    (tmp_path / "s.json").write_text(json.dumps({"train": rows, "test": rows[:1]}), encoding="utf-8")
+    wjsonl(tmp_path / "l.json", rows)  # JSON Lines behind a .json name
+    want = [r["Question"] for r in rows]
+    caplog.set_level("INFO", logger="kmed.data")
+    for kind, path, kw, unit in (
+        ("json", "a.json", {}, "record"),
+        ("jsonl", "a.jsonl", {}, "record"),
+        ("json", "o.json", {}, "record"),
+        ("jsonl", "o.jsonl", {}, "record"),
+        ("json", "s.json", {"records_key": "train"}, "record"),
+        ("json", "l.json", {}, "line"),
+    ):
+        got = read(tmp_path, one_source(tmp_path, kind, path, "reasoning", R_FIELDS, **kw))
+        assert [r.values["question"] for r in got] == want, path
+        assert (got[2].loc(), got[2].file) == (f"{path} {unit} 3", path)
+    log = caplog.text
+    assert "a.jsonl: a JSON array, not JSON Lines; read as kind json" in log
+    assert "o.json: records under the key 'data' (the only list of objects" in log
+    assert "s.json: records under the key 'train' (records_key)" in log
+    assert "l.json: JSON Lines (one object per line), read line by line" in log
+    # A folder source of kind json reads its *.json files (not the .jsonl ones).
+    (tmp_path / "d").mkdir()
+    for name in ("b.json", "a.json", "x.jsonl"):
+        (tmp_path / "d" / name).write_text(array, encoding="utf-8")
+    got = read(tmp_path, one_source(tmp_path, "json", "d", "reasoning", R_FIELDS))
+    assert [r.file for r in got] == ["d/a.json"] * 3 + ["d/b.json"] * 3
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "kw", "want"),
+    [
+        (
+            "json",
+            '[\n  {"Question": "q",\n  }\n]',
+            {},
+            "line 3: malformed JSON (Expecting property name enclosed in double quotes at column 3).",
+        ),
+        (
+            "jsonl",
+            '[\n  {"Question": "q",\n  }\n]',
+            {},
+            "line 3: malformed JSON (Expecting property name enclosed in double quotes at column 3).",
+        ),
+        (
+            "jsonl",
+            '{\n "data": [\n  {"Question": 1}\n]',
+            {},
+            "line 4: malformed JSON (Expecting ',' delimiter at column 2).",
+        ),
+        ("json", "[1, 2]", {}, "record 1: expected a JSON object, got a JSON number."),
+        ("json", "[]", {}, ": the JSON array holds no records."),
+        ("json", '"text"', {}, ": expected a JSON array of objects, got a JSON string."),
+        (
+            "json",
+            '{"a": 1, "b": [1]}',
+            {},
+            ": a JSON object with no list of records under any key (keys: 'a', 'b'); give a JSON array or set "
+            "records_key on the source.",
+        ),
+        (
+            "json",
+            '{"train": [{"a": 1}], "test": [{"a": 2}]}',
+            {},
+            ": several top-level keys hold lists of records ('train', 'test'); set records_key on the source to pick one.",
+        ),
+        (
+            "json",
+            '{"data": [{"a": 1}]}',
+            {"records_key": "rows"},
+            ": there is no top-level key 'rows' (records_key; keys: 'data').",
+        ),
+        (
+            "json",
+            '{"data": "x"}',
+            {"records_key": "data"},
+            ": key 'data' holds a JSON string, not a list of records.",
+        ),
+        (
+            "json",
+            '[{"Question": "q"}]',
+            {},
+            "record 1: missing columns 'Complex_CoT', 'Response' (found: 'Question').",
+        ),
+    ],
+)
+def test_json_errors_name_the_real_problem(tmp_path: Path, kind: str, text: str, kw: dict, want: str) -> None:
+    (tmp_path / f"x.{kind}").write_text(text, encoding="utf-8")
+    msg = error_of(read, tmp_path, one_source(tmp_path, kind, f"x.{kind}", "reasoning", R_FIELDS, **kw))
+    assert msg == f"x.{kind}{'' if want.startswith(':') else ' '}{want}"
+
+
+def test_records_key_is_for_json_sources_only() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="records_key is for kind json, not csv"):
+        SourceCfg.model_validate(src("x", "csv", "x.csv", "pairs", {}, records_key="data"))
 
 
 def test_empty_required_cell_names_file_row_column(tmp_path: Path) -> None:
