@@ -139,8 +139,15 @@ class DataCfg(_Frozen):
     system_prompt: str
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     seed: int = 3407
-    # Records longer than model.max_seq_length tokens: drop them, or truncate the response.
+    # Records longer than model.max_seq_length tokens: drop them, or shorten the CoT to fit. The answer
+    # is never cut: a record whose prompt + answer does not fit is dropped either way.
     overlong: Literal["drop", "truncate"] = "drop"
+    # truncate keeps at least this many CoT tokens; a record that would keep fewer is dropped (a cut
+    # <think> block teaches the model to skip reasoning). 0 allows an emptied CoT.
+    min_cot_tokens: int = Field(32, ge=0)
+    # The stage fails when more than this share of its reasoning records lose their CoT to the length
+    # limit (dropped as overlong, either mode): max_seq_length is then too short for the data.
+    max_cot_loss_share: float = Field(0.1, ge=0, le=1)
     # Korean resident registration / phone numbers: mask them, fail the stage, or leave (not advised).
     pii: Literal["mask", "fail", "off"] = "mask"
     # Non-reasoning records (instructions, translations) get an empty <think></think> so the
@@ -231,7 +238,9 @@ class Params(_Frozen):
         if self.sft_stage1.init != "base":
             raise ValueError("sft_stage1.init must be 'base' (there is no earlier stage)")
         if self.model.load_in_4bit and not self.merge.dequantize_4bit:
-            raise ValueError("merge.dequantize_4bit=false with model.load_in_4bit=true would merge into 4-bit weights")
+            raise ValueError(
+                "merge.dequantize_4bit=false with model.load_in_4bit=true would merge into 4-bit weights"
+            )
         return self
 
     def sft(self, stage: str) -> SftStageCfg:

@@ -1055,37 +1055,53 @@ def _decode_prefix(tokenizer: Any, ids: list[int]) -> str:
 
 
 def truncate_completion(
-    tokenizer: Any, rec_cot: str | None, answer: str, eos: str, n_prompt: int, max_len: int
-) -> tuple[str, int] | None:
-    """A completion cut to fit `max_len` with the prompt: the cot is shortened first, then the answer;
-    the `<think>` frame and the EOS are kept. None when not even an empty body fits."""
-    frame = render_completion("" if rec_cot is not None else None, "", eos)
-    budget = max_len - n_prompt - len(_ids(tokenizer, frame))
-    if budget < 1:
-        return None
-    a_ids = _ids(tokenizer, answer)
-    c_ids = _ids(tokenizer, rec_cot) if rec_cot else []
-    if len(a_ids) < budget:
-        keep_c, keep_a = budget - len(a_ids), len(a_ids)
-    else:
-        keep_c, keep_a = 0, budget
+    tokenizer: Any,
+    rec_cot: str | None,
+    answer: str,
+    eos: str,
+    n_prompt: int,
+    max_len: int,
+    min_cot: int = 0,
+) -> tuple[str, int] | str:
+    """The completion shortened to fit `max_len` with the prompt, as (text, tokens), or why it cannot be.
+
+    Only the CoT is cut; the `<think>` frame, the whole answer and the EOS are kept. Returns "answer"
+    when the prompt, the frame and the whole answer do not fit (or there is no CoT to shorten), and
+    "cot" when the CoT would keep fewer than `min_cot` tokens (or nothing at all, with min_cot 0 aside).
+    """
+    if not rec_cot:
+        return "answer"
+    room = max_len - n_prompt - len(_ids(tokenizer, render_completion("", answer, eos)))
+    if room < 0:
+        return "answer"
+    c_ids = _ids(tokenizer, rec_cot)
+    keep = min(room, len(c_ids))
     for _ in range(64):  # re-tokenising the cut text can differ by a token or two at the seams
-        cot = (
-            None
-            if rec_cot is None
-            else (_decode_prefix(tokenizer, c_ids[:keep_c]) if keep_c < len(c_ids) else rec_cot)
-        )
-        ans = _decode_prefix(tokenizer, a_ids[:keep_a]) if keep_a < len(a_ids) else answer
-        comp = render_completion(cot, ans, eos)
+        if keep < min_cot:
+            return "cot"
+        cot = rec_cot if keep >= len(c_ids) else _decode_prefix(tokenizer, c_ids[:keep])
+        if min_cot and not cot.strip():
+            return "cot"
+        comp = render_completion(cot, answer, eos)
         n = len(_ids(tokenizer, comp))
         over = n_prompt + n - max_len
         if over <= 0:
             return comp, n
-        if keep_c > 0:
-            keep_c = max(0, keep_c - over)
-        else:
-            keep_a = max(0, keep_a - over)
-    return None
+        if keep == 0:
+            return "answer"
+        keep = max(0, keep - over)
+    return "cot"
+
+
+def overlong_reason(
+    tokenizer: Any, rec_cot: str | None, answer: str, eos: str, n_prompt: int, max_len: int
+) -> str:
+    """Why an overlong record cannot be kept whole: "answer" when the prompt and the whole answer (in
+    the empty `<think>` frame) do not fit, else "cot" (only its CoT is too long)."""
+    if not rec_cot:
+        return "answer"
+    n = len(_ids(tokenizer, render_completion("", answer, eos)))
+    return "answer" if n_prompt + n > max_len else "cot"
 
 
 def _percentiles(values: list[int]) -> dict[str, int]:
@@ -1133,7 +1149,15 @@ def build_stage(
         raise StageError(f"data.{name}.sources: source names must be unique (got {_q(names)}).")
     m: dict[str, Any] = {}
     drops: Counter[str] = Counter(
-        {"empty": 0, "duplicate": 0, "eval_overlap": 0, "overlong": 0, "subsampled": 0}
+        {
+            "empty": 0,
+            "duplicate": 0,
+            "eval_overlap": 0,
+            "overlong": 0,
+            "overlong_answer": 0,
+            "overlong_cot": 0,
+            "subsampled": 0,
+        }
     )
     pii: Counter[str] = Counter({"rrn": 0, "phone": 0})
     weights = {s.name: s.weight for s in scfg.sources}
@@ -1194,27 +1218,56 @@ def build_stage(
         r.prompt = render_prompt(cfg.system_prompt, r.question)
         r.completion = render_completion(r.cot, r.answer, eos)
 
-    # Token lengths with the base tokenizer; overlong records dropped or truncated.
+    # Token lengths with the base tokenizer. An overlong record is dropped, or (truncate) kept with its
+    # CoT shortened to no fewer than min_cot_tokens; the answer is never cut.
     n_p = token_lengths(tokenizer, [r.prompt for r in recs], True, f"{name} prompts")
     n_c = token_lengths(tokenizer, [r.completion for r in recs], False, f"{name} completions")
     truncated = 0
+    lost = {"answer": 0, "cot": 0}  # reasoning records dropped as overlong, by reason
     fitted: list[_Rec] = []
     for r, a, b in zip(recs, n_p, n_c, strict=True):
         r.n_prompt, r.n_tokens = a, a + b
         if r.n_tokens > max_len:
-            cut = (
-                truncate_completion(tokenizer, r.cot, r.answer, eos, a, max_len)
-                if cfg.overlong == "truncate"
-                else None
-            )
-            if cut is None:
-                drops["overlong"] += 1
-                by_src[r.source]["overlong"] += 1
+            if cfg.overlong == "truncate":
+                cut = truncate_completion(tokenizer, r.cot, r.answer, eos, a, max_len, cfg.min_cot_tokens)
+            else:
+                cut = overlong_reason(tokenizer, r.cot, r.answer, eos, a, max_len)
+            if isinstance(cut, str):
+                for k in ("overlong", f"overlong_{cut}"):
+                    drops[k] += 1
+                    by_src[r.source][k] += 1
+                if r.task == "reasoning":
+                    lost[cut] += 1
                 continue
             r.completion, r.n_tokens, r.truncated = cut[0], a + cut[1], True
             by_src[r.source]["truncated"] += 1
             truncated += 1
         fitted.append(r)
+
+    # Contract: a stage whose reasoning records mostly lose their CoT to the length limit is refused.
+    n_reasoning = sum(r.task == "reasoning" for r in recs)
+    n_lost = sum(lost.values())
+    share = n_lost / n_reasoning if n_reasoning else 0.0
+    m[f"{name}.reasoning_records"] = n_reasoning
+    m[f"{name}.cot_lost"] = n_lost
+    m[f"{name}.cot_lost_share"] = round(share, 4)
+    if share > cfg.max_cot_loss_share:
+        below = (
+            f"below data.min_cot_tokens={cfg.min_cot_tokens}"
+            if cfg.overlong == "truncate"
+            else "(data.overlong=drop)"
+        )
+        lower = (
+            ", or lower data.min_cot_tokens"
+            if cfg.overlong == "truncate"
+            else ", or set data.overlong=truncate"
+        )
+        raise StageError(
+            f"data.{name}: {n_lost} of {n_reasoning} reasoning records ({share:.1%}) would lose their CoT at "
+            f"model.max_seq_length={max_len} ({lost['answer']} because the answer would be cut, {lost['cot']} "
+            f"because the CoT would be cut {below}), more than data.max_cot_loss_share={cfg.max_cot_loss_share:g}; "
+            f"raise model.max_seq_length or data.max_cot_loss_share{lower}."
+        )
 
     # Split by a hash of the normalised question; weight > 1 repeats records in train only.
     train: list[dict[str, Any]] = []
@@ -1241,6 +1294,15 @@ def build_stage(
     for src in scfg.sources:
         m[f"{name}.rows_out.{src.name}"] = out_by_src[src.name]
         by_src[src.name]["records_out"] = out_by_src[src.name]
+        if by_src[src.name]["overlong"] and not out_by_src[src.name]:
+            log.warning(
+                "%s: %s: every record was over model.max_seq_length=%d and dropped (%d would have had their "
+                "answer cut)",
+                name,
+                src.name,
+                max_len,
+                by_src[src.name]["overlong_answer"],
+            )
     for k, v in drops.items():
         m[f"{name}.dropped.{k}"] = v
     m[f"{name}.truncated"] = truncated
@@ -1323,10 +1385,18 @@ def data_report(params: Params, built: Built) -> str:
         "# Data report",
         "",
         f"Token lengths are the base tokenizer's, against model.max_seq_length = {params.model.max_seq_length}; "
-        f"overlong = {cfg.overlong}, pii = {cfg.pii}, val_fraction = {cfg.val_fraction}, "
-        f"think_for_non_reasoning = {cfg.think_for_non_reasoning}.",
+        f"overlong = {cfg.overlong}, min_cot_tokens = {cfg.min_cot_tokens}, "
+        f"max_cot_loss_share = {cfg.max_cot_loss_share:g}, pii = {cfg.pii}, val_fraction = {cfg.val_fraction}, "
+        f"think_for_non_reasoning = {cfg.think_for_non_reasoning}. An answer is never cut: a record whose "
+        "prompt and whole answer do not fit is dropped.",
         "",
     ]
+    max_len = params.model.max_seq_length
+    cot_why = (
+        f"the CoT would keep fewer than data.min_cot_tokens = {cfg.min_cot_tokens} tokens"
+        if cfg.overlong == "truncate"
+        else "the CoT would have to be cut (overlong = drop)"
+    )
     for name in STAGES:
         scfg: StageDataCfg = getattr(cfg, name)
         g = lambda k, name=name: metrics.get(f"{name}.{k}", 0)  # noqa: E731
@@ -1337,14 +1407,15 @@ def data_report(params: Params, built: Built) -> str:
             "Rows are source rows; records are training examples (a translation pair gives one per direction).",
             "",
             "| source | task | kind | weight | rows in | blank | duplicate | equals eval item | subsampled "
-            "| records over length | truncated (kept) | records out |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| over length: answer would be cut | over length: CoT too short | CoT shortened (kept) | records out |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for s in scfg.sources:
             c = by.get(s.name, Counter())
             L.append(
                 f"| {s.name} | {s.task} | {s.kind} | {s.weight:g} | {c['rows_in']} | {c['empty']} | {c['duplicate']} "
-                f"| {c['eval_overlap']} | {c['subsampled']} | {c['overlong']} | {c['truncated']} | {c['records_out']} |"
+                f"| {c['eval_overlap']} | {c['subsampled']} | {c['overlong_answer']} | {c['overlong_cot']} "
+                f"| {c['truncated']} | {c['records_out']} |"
             )
         L += [
             "",
@@ -1360,11 +1431,16 @@ def data_report(params: Params, built: Built) -> str:
             ("duplicate", "duplicate row (exact + normalised)"),
             ("eval_overlap", "row equals an eval item"),
             ("subsampled", "row left out by weight < 1"),
-            ("overlong", f"record over {params.model.max_seq_length} tokens"),
+            ("overlong_answer", f"record over {max_len} tokens: the answer would be cut"),
+            ("overlong_cot", f"record over {max_len} tokens: {cot_why}"),
         ):
             L.append(f"| {what} | {g('dropped.' + reason)} |")
         L += [
-            f"| *record truncated to fit (kept)* | {g('truncated')} |",
+            f"| *record over {max_len} tokens kept with its CoT shortened* | {g('truncated')} |",
+            "",
+            f"Reasoning records that lost their CoT to the length limit (dropped): {g('cot_lost')} of "
+            f"{g('reasoning_records')} ({g('cot_lost_share'):.1%}); the stage fails above "
+            f"data.max_cot_loss_share = {cfg.max_cot_loss_share:g}.",
             "",
             f"Duplicates: {g('duplicates.exact')} exact, {g('duplicates.normalized')} equal only after normalisation.",
             "",

@@ -789,14 +789,24 @@ def test_overlong_drop(tmp_path: Path, smol_tokenizer: Any) -> None:
         max_seq_length=160,
         val_fraction=0.01,
         overlong="drop",
+        max_cot_loss_share=1.0,
     )
     b = D.build_datasets(p, smol_tokenizer, tmp_path)
     recs = b.files["stage1/train.jsonl"] + b.files["stage1/val.jsonl"]
-    assert b.metrics["stage1.dropped.overlong"] == 3 and b.metrics["stage1.truncated"] == 0
+    m = b.metrics
+    assert (m["stage1.dropped.overlong"], m["stage1.truncated"]) == (3, 0)
+    # The long-CoT record's answer would fit; the long answer and the huge question would not.
+    assert (m["stage1.dropped.overlong_cot"], m["stage1.dropped.overlong_answer"]) == (1, 2)
+    assert (m["stage1.cot_lost"], m["stage1.reasoning_records"], m["stage1.cot_lost_share"]) == (3, 4, 0.75)
     assert len(recs) == 1 and recs[0]["n_tokens"] <= 160
 
 
-def test_overlong_truncate_keeps_eos_and_fits(tmp_path: Path, smol_tokenizer: Any) -> None:
+def _cot_tokens(tok: Any, completion: str) -> int:
+    cot = completion.split("<think>\n", 1)[1].split("\n</think>\n", 1)[0]
+    return len(tok(cot, add_special_tokens=False)["input_ids"])
+
+
+def test_overlong_truncate_shortens_only_the_cot(tmp_path: Path, smol_tokenizer: Any) -> None:
     wjsonl(tmp_path / "l.jsonl", _long_rows())
     p = make_params(
         tmp_path,
@@ -804,15 +814,21 @@ def test_overlong_truncate_keeps_eos_and_fits(tmp_path: Path, smol_tokenizer: An
         max_seq_length=160,
         val_fraction=0.01,
         overlong="truncate",
+        max_cot_loss_share=1.0,
     )
     b = D.build_datasets(p, smol_tokenizer, tmp_path)
     recs = {
         r["prompt"].split("### Question:\n")[1][:12]: r
         for r in b.files["stage1/train.jsonl"] + b.files["stage1/val.jsonl"]
     }
-    assert (
-        b.metrics["stage1.truncated"] == 2 and b.metrics["stage1.dropped.overlong"] == 1
-    )  # the huge prompt can't fit
+    m = b.metrics
+    # The long Korean answer would be cut and the huge prompt cannot fit: both dropped, never cut.
+    assert (m["stage1.truncated"], m["stage1.dropped.overlong"], m["stage1.dropped.overlong_answer"]) == (
+        1,
+        2,
+        2,
+    )
+    assert set(recs) == {"Short questi", "Long reasoni"}
     for r in recs.values():
         real = len(smol_tokenizer(r["prompt"] + r["completion"])["input_ids"])
         assert r["n_tokens"] == real <= 160
@@ -820,8 +836,90 @@ def test_overlong_truncate_keeps_eos_and_fits(tmp_path: Path, smol_tokenizer: An
         assert "\n</think>\n" in r["completion"] and "\ufffd" not in r["completion"]
     long_cot = recs["Long reasoni"]["completion"]
     assert long_cot.endswith("\n</think>\nThe final answer." + EOS)  # the cot is cut, the answer kept
-    assert recs["Long Korean "]["completion"].startswith("<think>\n\n</think>\n한국어 답변입니다.")
+    assert _cot_tokens(smol_tokenizer, long_cot) >= 32 and long_cot.startswith(
+        "<think>\nreasoning step reasoning"
+    )
     assert recs["Short questi"]["completion"] == D.render_completion(("step " * 10).strip(), "Short.", EOS)
+    report = D.data_report(p, b)
+    assert "| l | reasoning | jsonl | 1 | 4 | 0 | 0 | 0 | 0 | 2 | 0 | 1 | 2 |" in report
+    assert "record over 160 tokens: the answer would be cut | 2 |" in report
+    assert "Reasoning records that lost their CoT to the length limit (dropped): 2 of 4 (50.0%)" in report
+
+
+def test_truncate_keeps_min_cot_tokens_or_drops(smol_tokenizer: Any) -> None:
+    cot, answer = "reasoning step " * 100, "The final answer."
+    n_prompt = len(smol_tokenizer(D.render_prompt(SYSTEM, "q?"))["input_ids"])
+    frame = len(smol_tokenizer(D.render_completion("", answer, EOS), add_special_tokens=False)["input_ids"])
+    room = 100 - n_prompt - frame  # CoT tokens that fit in 100
+    comp, n = D.truncate_completion(smol_tokenizer, cot, answer, EOS, n_prompt, 100, min_cot=room - 4)
+    assert (
+        n_prompt + n <= 100 and comp.endswith(answer + EOS) and _cot_tokens(smol_tokenizer, comp) >= room - 4
+    )
+    assert D.truncate_completion(smol_tokenizer, cot, answer, EOS, n_prompt, 100, min_cot=room + 1) == "cot"
+    assert D.truncate_completion(smol_tokenizer, cot, answer, EOS, n_prompt, n_prompt + frame - 1) == "answer"
+    # min_cot 0 allows an emptied CoT, still never a cut answer.
+    comp, _ = D.truncate_completion(smol_tokenizer, cot, answer, EOS, n_prompt, n_prompt + frame, min_cot=0)
+    assert comp == D.render_completion("", answer, EOS)
+    assert D.truncate_completion(smol_tokenizer, "", "x " * 200, EOS, n_prompt, 100) == "answer"
+
+
+def test_non_reasoning_answers_are_never_cut(tmp_path: Path, smol_tokenizer: Any) -> None:
+    wjsonl(
+        tmp_path / "i.jsonl",
+        [
+            {"instruction": "짧게 답하세요.", "input": "", "output": "네."},
+            {"instruction": "길게 설명하세요.", "input": "", "output": "아주 긴 설명입니다. " * 100},
+        ],
+    )
+    p = make_params(
+        tmp_path,
+        stage2=[src("i", "jsonl", "i.jsonl", "instruction", I_FIELDS)],
+        overlong="truncate",
+        max_seq_length=160,
+    )
+    b = D.build_datasets(p, smol_tokenizer, tmp_path)
+    recs = b.files["stage2/train.jsonl"] + b.files["stage2/val.jsonl"]
+    assert [r["completion"] for r in recs] == ["<think>\n\n</think>\n네." + EOS]
+    assert (b.metrics["stage2.dropped.overlong_answer"], b.metrics["stage2.truncated"]) == (1, 0)
+    assert b.metrics["stage2.cot_lost"] == 0  # not a reasoning record: the CoT contract does not count it
+
+
+def test_cot_loss_contract_fails_with_one_sentence(tmp_path: Path, smol_tokenizer: Any) -> None:
+    long = [
+        {"Question": f"Case {i}?", "Complex_CoT": "reasoning step " * 200, "Response": "Answer."}
+        for i in range(3)
+    ]
+    wjsonl(tmp_path / "l.jsonl", reasoning_rows(7) + long)
+    kw: dict[str, Any] = {
+        "stage1": [src("l", "jsonl", "l.jsonl", "reasoning", R_FIELDS)],
+        "max_seq_length": 160,
+    }
+    # 3 of 10 records need their CoT cut: kept (truncate) with 32 CoT tokens left, lost below 150.
+    b = D.build_datasets(make_params(tmp_path, overlong="truncate", **kw), smol_tokenizer, tmp_path)
+    assert (b.metrics["stage1.truncated"], b.metrics["stage1.cot_lost"]) == (3, 0)
+    msg = error_of(
+        D.build_datasets,
+        make_params(tmp_path, overlong="truncate", min_cot_tokens=150, **kw),
+        smol_tokenizer,
+        tmp_path,
+    )
+    assert msg == (
+        "data.stage1: 3 of 10 reasoning records (30.0%) would lose their CoT at model.max_seq_length=160 (0 because "
+        "the answer would be cut, 3 because the CoT would be cut below data.min_cot_tokens=150), more than "
+        "data.max_cot_loss_share=0.1; raise model.max_seq_length or data.max_cot_loss_share, or lower "
+        "data.min_cot_tokens."
+    )
+    msg = error_of(D.build_datasets, make_params(tmp_path, overlong="drop", **kw), smol_tokenizer, tmp_path)
+    assert msg.startswith(
+        "data.stage1: 3 of 10 reasoning records (30.0%) would lose their CoT"
+    ) and msg.endswith(
+        "because the CoT would be cut (data.overlong=drop)), more than data.max_cot_loss_share=0.1; raise "
+        "model.max_seq_length or data.max_cot_loss_share, or set data.overlong=truncate."
+    )
+    b = D.build_datasets(
+        make_params(tmp_path, overlong="drop", max_cot_loss_share=0.3, **kw), smol_tokenizer, tmp_path
+    )
+    assert b.metrics["stage1.cot_lost_share"] == 0.3  # at the limit: allowed
 
 
 # --------------------------------------------------------------------------- the stage
