@@ -41,9 +41,22 @@ SCHEMAS: dict[str, dict[str, bool]] = {
     "reasoning": {"question": True, "cot": True, "answer": True},
     "instruction": {"instruction": True, "input": False, "output": True},
     "translation": {"ko": True, "en": True},
-    "mcq": {"question": True, "A": True, "B": True, "C": True, "D": True, "E": False, "answer": True},
+    "mcq": {
+        "question": True,
+        "A": True,
+        "B": True,
+        "C": True,
+        "D": True,
+        "E": False,
+        "answer": True,
+        "id": False,
+        "subject": False,
+    },
     "pairs": {"ko": True, "en": True},
 }
+# Optional fields read only when `fields` maps them (others fall back to a column of their own name):
+# an MCQ id takes part in dedup, so a stray "id" column must not change it unasked.
+MAPPED_ONLY = ("id", "subject")
 TRAIN_TASKS = ("reasoning", "instruction", "translation")
 MCQ_LETTERS = ("A", "B", "C", "D", "E")
 FOLDER_GLOBS = {
@@ -694,7 +707,11 @@ def source_fields(src: SourceCfg) -> dict[str, str]:
         raise StageError(
             f"source {src.name!r}: fields names {_q(unknown)}, not in the {src.task} schema ({', '.join(schema)})."
         )
-    return {f: unicodedata.normalize("NFC", src.fields.get(f, f)).strip() for f in schema}
+    return {
+        f: unicodedata.normalize("NFC", src.fields.get(f, f)).strip()
+        for f in schema
+        if f not in MAPPED_ONLY or f in src.fields
+    }
 
 
 def read_source(src: SourceCfg, root: Path, max_xlsx_mb: float) -> tuple[list[Row], int]:
@@ -875,8 +892,46 @@ def build_eval(cfg: DataCfg, root: Path) -> EvalSets:
     rows, blank = read_source(cfg.eval.mcq, root, cfg.max_xlsx_mb)
     metrics[f"eval.rows_in.{cfg.eval.mcq.name}"] = len(rows) + blank
     apply_pii(rows, cfg.pii, pii)
+    mcq, mcq_dups = mcq_items(rows)
+    metrics["eval.mcq_rows"] = len(mcq)
+    for k, n in mcq_dups.items():
+        metrics[f"eval.mcq_duplicates.{k}"] = n
+
+    rows, blank = read_source(cfg.eval.koen, root, cfg.max_xlsx_mb)
+    metrics[f"eval.rows_in.{cfg.eval.koen.name}"] = len(rows) + blank
+    apply_pii(rows, cfg.pii, pii)
     rows, exact, normed = dedup(rows)
-    mcq = []
+    metrics["eval.koen_duplicates.exact"] = exact
+    metrics["eval.koen_duplicates.normalized"] = normed
+    koen = [
+        {
+            "id": short_hash("pair", r.values["ko"], r.values["en"]),
+            "source": r.source,
+            "ko": r.values["ko"],
+            "en": r.values["en"],
+        }
+        for r in rows
+    ]
+    metrics["eval.koen_rows"] = len(koen)
+    metrics["eval.dropped.duplicate"] = sum(mcq_dups.values()) + exact + normed
+    metrics["eval.pii_masked"] = sum(pii.values())
+
+    keys = {match_key(m["question"]) for m in mcq}
+    for p in koen:
+        keys.add(match_key(p["ko"]))
+        keys.add(match_key(p["en"]))
+    return EvalSets(mcq, koen, keys, metrics)
+
+
+def mcq_items(rows: list[Row]) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """Eval MCQ records from rows, de-duplicated on the item (the mapped id, if any, and the normalised
+    question and options) with its parsed answer, so 'B' and '2' are the same answer. The same item
+    with a different answer is a contract breach. Returns the records and the duplicates dropped by
+    reason: exact (the same row), normalized (equal after normalising the text), answer_format (the
+    same answer written another way: letter vs number)."""
+    dups: Counter[str] = Counter({"exact": 0, "normalized": 0, "answer_format": 0})
+    seen: dict[tuple[str, ...], tuple[Row, str]] = {}
+    out: list[dict[str, Any]] = []
     for row in rows:
         v = row.values
         letter = parse_mcq_answer(v["answer"])
@@ -888,40 +943,35 @@ def build_eval(cfg: DataCfg, root: Path) -> EvalSets:
         options = {k: v[k] for k in MCQ_LETTERS if v[k]}
         if letter not in options:
             raise StageError(f"{row.loc()}: column {col!r} names option {letter}, which is empty.")
-        mcq.append(
+        item_id = v.get("id", "")
+        key = (match_key(item_id), match_key(v["question"]), *(match_key(v[k]) for k in MCQ_LETTERS))
+        if key in seen:
+            first, first_letter = seen[key]
+            if first_letter != letter:
+                raise StageError(
+                    f"{first.loc()} and {row.loc()}: the same question and options with different answers "
+                    f"({first_letter} and {letter})."
+                )
+            if first.raw == row.raw:
+                dups["exact"] += 1
+            elif match_key(first.values["answer"]) == match_key(v["answer"]):
+                dups["normalized"] += 1
+            else:
+                dups["answer_format"] += 1
+            continue
+        seen[key] = (row, letter)
+        out.append(
             {
-                "id": short_hash("mcq", v["question"], *options.values()),
+                "id": short_hash("mcq", *([item_id] if item_id else []), v["question"], *options.values()),
                 "source": row.source,
+                "file": row.file,
+                "subject": v.get("subject", ""),
                 "question": v["question"],
                 "options": options,
                 "answer": letter,
             }
         )
-    metrics["eval.mcq_rows"] = len(mcq)
-    mcq_dups = exact + normed
-
-    rows, blank = read_source(cfg.eval.koen, root, cfg.max_xlsx_mb)
-    metrics[f"eval.rows_in.{cfg.eval.koen.name}"] = len(rows) + blank
-    apply_pii(rows, cfg.pii, pii)
-    rows, exact, normed = dedup(rows)
-    koen = [
-        {
-            "id": short_hash("pair", r.values["ko"], r.values["en"]),
-            "source": r.source,
-            "ko": r.values["ko"],
-            "en": r.values["en"],
-        }
-        for r in rows
-    ]
-    metrics["eval.koen_rows"] = len(koen)
-    metrics["eval.dropped.duplicate"] = mcq_dups + exact + normed
-    metrics["eval.pii_masked"] = sum(pii.values())
-
-    keys = {match_key(m["question"]) for m in mcq}
-    for p in koen:
-        keys.add(match_key(p["ko"]))
-        keys.add(match_key(p["en"]))
-    return EvalSets(mcq, koen, keys, metrics)
+    return out, dups
 
 
 # --------------------------------------------------------------------------- training records
@@ -1460,7 +1510,12 @@ def data_report(params: Params, built: Built) -> str:
         f"| mcq | {cfg.eval.mcq.name} | {metrics.get('eval.rows_in.' + cfg.eval.mcq.name, 0)} | {metrics.get('eval.mcq_rows', 0)} |",
         f"| koen | {cfg.eval.koen.name} | {metrics.get('eval.rows_in.' + cfg.eval.koen.name, 0)} | {metrics.get('eval.koen_rows', 0)} |",
         "",
-        f"Duplicates dropped: {metrics.get('eval.dropped.duplicate', 0)}. PII masked: {metrics.get('eval.pii_masked', 0)}. "
+        f"Duplicates dropped: {metrics.get('eval.dropped.duplicate', 0)} (mcq: "
+        f"{metrics.get('eval.mcq_duplicates.exact', 0)} exact, {metrics.get('eval.mcq_duplicates.normalized', 0)} "
+        f"equal after normalisation, {metrics.get('eval.mcq_duplicates.answer_format', 0)} the same answer written "
+        f"another way, e.g. B and 2; koen: {metrics.get('eval.koen_duplicates.exact', 0)} exact, "
+        f"{metrics.get('eval.koen_duplicates.normalized', 0)} equal after normalisation). "
+        f"PII masked: {metrics.get('eval.pii_masked', 0)}. "
         f"Training rows removed for equalling an eval item: {metrics.get('eval.overlap_removed', 0)}.",
         "",
     ]

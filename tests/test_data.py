@@ -589,7 +589,8 @@ def test_mcq_letter_and_integer_answers(tmp_path: Path, smol_tokenizer: Any) -> 
         mcq = D.build_datasets(p, smol_tokenizer, tmp_path).files["eval/mcq.jsonl"]
         assert [m["answer"] for m in mcq] == want
     assert mcq[0]["options"] == {"A": "a", "B": "b", "C": "c", "D": "d"}  # no E column: four options
-    assert set(mcq[0]) == {"id", "source", "question", "options", "answer"}
+    assert mcq[0]["file"] == "m.xlsx" and mcq[0]["subject"] == ""  # subject not mapped
+    assert set(mcq[0]) == {"id", "source", "file", "subject", "question", "options", "answer"}
 
 
 @pytest.mark.parametrize(
@@ -604,6 +605,78 @@ def test_mcq_bad_answer(tmp_path: Path, smol_tokenizer: Any, answer: str, why: s
     )
     p = make_params(tmp_path, mcq=src("m", "csv", "m.csv", "mcq", MCQ_FIELDS))
     assert error_of(D.build_datasets, p, smol_tokenizer, tmp_path) == f"m.csv row 2: column 'answer' {why}."
+
+
+def _letter_and_integer_copies(root: Path, n: int = 6) -> list[list[Any]]:
+    """KorMedMCQA-style rows written twice into one folder: letter answers, then integer answers."""
+    rows = [
+        [
+            "doctor" if i % 2 else "nurse",
+            2023,
+            f"{i}번 환자에게 가장 적절한 처치는?",
+            "가",
+            "나",
+            "다",
+            "라",
+            "마",
+            "ABCDE"[i % 5],
+        ]
+        for i in range(n)
+    ]
+    wcsv(root / "kmcq/letter.csv", MCQ_HEADER, rows)
+    wcsv(root / "kmcq/number.csv", MCQ_HEADER, [[*r[:-1], "ABCDE".index(r[-1]) + 1] for r in rows])
+    return rows
+
+
+def test_mcq_dedup_compares_the_parsed_answer(tmp_path: Path, smol_tokenizer: Any) -> None:
+    rows = _letter_and_integer_copies(tmp_path)
+    with (tmp_path / "kmcq/letter.csv").open("a", encoding="utf-8") as f:
+        csv.writer(f).writerows(
+            [rows[0], [*rows[1][:2], "  " + rows[1][2].replace(" ", "   "), *rows[1][3:]]]
+        )
+    fields = {**MCQ_FIELDS, "subject": "subject"}
+    p = make_params(tmp_path, mcq=src("kmcq", "csv", "kmcq", "mcq", fields))
+    b = D.build_datasets(p, smol_tokenizer, tmp_path)
+    mcq = b.files["eval/mcq.jsonl"]
+    assert len(mcq) == 6 and len({m["id"] for m in mcq}) == 6
+    assert [m["answer"] for m in mcq] == [r[-1] for r in rows]
+    assert {m["file"] for m in mcq} == {"kmcq/letter.csv"} and mcq[1]["subject"] == "doctor"
+    m = b.metrics
+    assert m["eval.rows_in.kmcq"] == 14 and m["eval.mcq_rows"] == 6
+    assert (m["eval.mcq_duplicates.exact"], m["eval.mcq_duplicates.normalized"]) == (1, 1)
+    assert m["eval.mcq_duplicates.answer_format"] == 6 and m["eval.dropped.duplicate"] == 8
+    report = D.data_report(p, b)
+    assert (
+        "Duplicates dropped: 8 (mcq: 1 exact, 1 equal after normalisation, 6 the same answer written another way"
+        in report
+    )
+
+
+def test_mcq_same_item_with_different_answers_fails_naming_both_rows(
+    tmp_path: Path, smol_tokenizer: Any
+) -> None:
+    rows = _letter_and_integer_copies(tmp_path)
+    wcsv(tmp_path / "kmcq/number.csv", MCQ_HEADER, [[*rows[0][:-1], 1], [*rows[1][:-1], 4]])  # B vs D
+    p = make_params(tmp_path, mcq=src("kmcq", "csv", "kmcq", "mcq", MCQ_FIELDS))
+    assert error_of(D.build_datasets, p, smol_tokenizer, tmp_path) == (
+        "kmcq/letter.csv row 3 and kmcq/number.csv row 3: the same question and options with different "
+        "answers (B and D)."
+    )
+
+
+def test_mcq_id_takes_part_in_dedup_only_when_mapped(tmp_path: Path, smol_tokenizer: Any) -> None:
+    header = ["id", "question", "A", "B", "C", "D", "answer"]
+    wcsv(
+        tmp_path / "m.csv",
+        header,
+        [["2022-1", "q", "a", "b", "c", "d", "A"], ["2023-7", "q", "a", "b", "c", "d", 1]],
+    )
+    fields = {f: f for f in ("question", "A", "B", "C", "D", "answer")}
+    p = make_params(tmp_path, mcq=src("m", "csv", "m.csv", "mcq", {**fields, "id": "id"}))
+    mcq = D.build_datasets(p, smol_tokenizer, tmp_path).files["eval/mcq.jsonl"]
+    assert len(mcq) == 2 and mcq[0]["id"] != mcq[1]["id"]  # two exam items that share their text
+    p = make_params(tmp_path, mcq=src("m", "csv", "m.csv", "mcq", fields))  # the id column is not read
+    assert len(D.build_datasets(p, smol_tokenizer, tmp_path).files["eval/mcq.jsonl"]) == 1
 
 
 # --------------------------------------------------------------------------- duplicates, overlap, split
