@@ -342,8 +342,8 @@ def _iter_json(
 ) -> Iterator[_Raw]:
     """A .json or .jsonl file in whichever layout it holds (detected from the content, logged when it
     differs from the kind): JSON Lines, a JSON array of objects, or an object holding the records list
-    under a key. JSON Lines are read line by line; a document is parsed whole with json.loads (a
-    500 MB array needs a few GB of RAM; convert much bigger files to JSON Lines)."""
+    under a key. A document is parsed whole with json.loads: peak memory was 3.5x the file size on a
+    51 MB array (the same records as JSON Lines: 5.4x); by that ratio a 500 MB array needs ~2 GB."""
     text = _read_text(path, label)
     doc = _json_document(text, label, kind, records_key, wanted, required)
     if doc is None:
