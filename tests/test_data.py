@@ -480,11 +480,23 @@ def test_json_errors_name_the_real_problem(tmp_path: Path, kind: str, text: str,
     assert msg == f"x.{kind}{'' if want.startswith(':') else ' '}{want}"
 
 
-def test_records_key_is_for_json_sources_only() -> None:
-    from pydantic import ValidationError
+def test_new_data_keys_are_validated(tmp_path: Path) -> None:
+    from kmed.config import ParamsError, load_params
 
-    with pytest.raises(ValidationError, match="records_key is for kind json, not csv"):
-        SourceCfg.model_validate(src("x", "csv", "x.csv", "pairs", {}, records_key="data"))
+    root = Path(__file__).resolve().parents[1]
+    for mutate, want in (
+        (
+            lambda d: d["stage1"]["sources"][0].update(kind="csv", records_key="data"),
+            "records_key is for kind json",
+        ),
+        (lambda d: d.update(max_cot_loss_share=1.5), "key 'data.max_cot_loss_share'"),
+        (lambda d: d.update(min_cot_tokens=-1), "key 'data.min_cot_tokens'"),
+    ):
+        raw = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+        mutate(raw["data"])
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+        with pytest.raises(ParamsError, match=want):
+            load_params(tmp_path / "params.yaml")
 
 
 def test_empty_required_cell_names_file_row_column(tmp_path: Path) -> None:
