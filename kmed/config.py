@@ -98,13 +98,16 @@ class TrainCfg(_Frozen):
 
 class SourceCfg(_Frozen):
     name: str
-    kind: Literal["hf", "jsonl", "csv", "xlsx", "parquet"]
+    kind: Literal["hf", "jsonl", "json", "csv", "xlsx", "parquet"]
     path: str | None = None
     hub_id: str | None = None
     revision: str | None = None
     config: str | None = None
     split: str = "train"
     sheet: str | int | None = None
+    # kind json (or jsonl holding a JSON document): the key of the top-level object that holds the
+    # records list; null = the array itself, or the object's only list-of-objects value.
+    records_key: str | None = None
     fields: dict[str, str] = Field(default_factory=dict)
     limit: int | None = Field(None, ge=1)
     weight: float = Field(1.0, gt=0)
@@ -117,6 +120,8 @@ class SourceCfg(_Frozen):
                 raise ValueError(f"source {self.name!r} of kind hf needs hub_id and a pinned revision")
         elif not self.path:
             raise ValueError(f"source {self.name!r} of kind {self.kind} needs a path")
+        if self.records_key is not None and self.kind not in ("json", "jsonl"):
+            raise ValueError(f"source {self.name!r}: records_key is for kind json, not {self.kind}")
         return self
 
 
@@ -134,8 +139,15 @@ class DataCfg(_Frozen):
     system_prompt: str
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     seed: int = 3407
-    # Records longer than model.max_seq_length tokens: drop them, or truncate the response.
+    # Records longer than model.max_seq_length tokens: drop them, or shorten the CoT to fit. The answer
+    # is never cut: a record whose prompt + answer does not fit is dropped either way.
     overlong: Literal["drop", "truncate"] = "drop"
+    # truncate keeps at least this many CoT tokens; a record that would keep fewer is dropped (a cut
+    # <think> block teaches the model to skip reasoning). 0 allows an emptied CoT.
+    min_cot_tokens: int = Field(32, ge=0)
+    # The stage fails when more than this share of its reasoning records lose their CoT to the length
+    # limit (dropped as overlong, either mode): max_seq_length is then too short for the data.
+    max_cot_loss_share: float = Field(0.1, ge=0, le=1)
     # Korean resident registration / phone numbers: mask them, fail the stage, or leave (not advised).
     pii: Literal["mask", "fail", "off"] = "mask"
     # Non-reasoning records (instructions, translations) get an empty <think></think> so the
@@ -232,7 +244,9 @@ class Params(_Frozen):
         if self.sft_stage1.init != "base":
             raise ValueError("sft_stage1.init must be 'base' (there is no earlier stage)")
         if self.model.load_in_4bit and not self.merge.dequantize_4bit:
-            raise ValueError("merge.dequantize_4bit=false with model.load_in_4bit=true would merge into 4-bit weights")
+            raise ValueError(
+                "merge.dequantize_4bit=false with model.load_in_4bit=true would merge into 4-bit weights"
+            )
         return self
 
     def sft(self, stage: str) -> SftStageCfg:

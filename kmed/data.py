@@ -41,12 +41,31 @@ SCHEMAS: dict[str, dict[str, bool]] = {
     "reasoning": {"question": True, "cot": True, "answer": True},
     "instruction": {"instruction": True, "input": False, "output": True},
     "translation": {"ko": True, "en": True},
-    "mcq": {"question": True, "A": True, "B": True, "C": True, "D": True, "E": False, "answer": True},
+    "mcq": {
+        "question": True,
+        "A": True,
+        "B": True,
+        "C": True,
+        "D": True,
+        "E": False,
+        "answer": True,
+        "id": False,
+        "subject": False,
+    },
     "pairs": {"ko": True, "en": True},
 }
+# Optional fields read only when `fields` maps them (others fall back to a column of their own name):
+# an MCQ id takes part in dedup, so a stray "id" column must not change it unasked.
+MAPPED_ONLY = ("id", "subject")
 TRAIN_TASKS = ("reasoning", "instruction", "translation")
 MCQ_LETTERS = ("A", "B", "C", "D", "E")
-FOLDER_GLOBS = {"jsonl": "*.jsonl", "csv": "*.csv", "xlsx": "*.xlsx", "parquet": "*.parquet"}
+FOLDER_GLOBS = {
+    "jsonl": "*.jsonl",
+    "json": "*.json",
+    "csv": "*.csv",
+    "xlsx": "*.xlsx",
+    "parquet": "*.parquet",
+}
 # Above this ratio of uncompressed to compressed size an .xlsx is treated as a zip bomb.
 MAX_XLSX_RATIO = 100.0
 PROGRESS_MIN_ROWS = 20_000
@@ -269,6 +288,7 @@ class Row:
     cols: dict[str, str]  # schema field -> source column
     raw: tuple[str, ...]
     values: dict[str, str] = field(default_factory=dict)
+    file: str = ""  # the file's display name (the Hub split's label for hf sources)
 
     def loc(self) -> str:
         return f"{self.where} {self.unit} {self.n}"
@@ -281,6 +301,7 @@ class _Raw:
     n: int
     get: Any  # column -> value
     cell: Any = None  # column -> spreadsheet cell name, for xlsx
+    file: str = ""
 
 
 def _norm_header(h: Any) -> str:
@@ -304,8 +325,138 @@ def _progress(it: Iterable[Any], total: int | None, desc: str) -> Iterable[Any]:
     return tqdm(it, total=total, desc=desc, unit="rows", mininterval=2.0)
 
 
-def _iter_jsonl(path: Path, label: str, wanted: dict[str, str], required: dict[str, bool]) -> Iterator[_Raw]:
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _json_type(v: Any) -> str:
+    return "null" if v is None else _JSON_TYPES.get(type(v), type(v).__name__)
+
+
+def _iter_json(
+    path: Path,
+    label: str,
+    wanted: dict[str, str],
+    required: dict[str, bool],
+    kind: str,
+    records_key: str | None,
+) -> Iterator[_Raw]:
+    """A .json or .jsonl file in whichever layout it holds (detected from the content, logged when it
+    differs from the kind): JSON Lines, a JSON array of objects, or an object holding the records list
+    under a key. A document is parsed whole with json.loads: peak memory was 3.5x the file size on a
+    51 MB array (the same records as JSON Lines: 5.4x); by that ratio a 500 MB array needs ~2 GB."""
     text = _read_text(path, label)
+    doc = _json_document(text, label, kind, records_key, wanted, required)
+    if doc is None:
+        yield from _iter_jsonl(text, label, wanted, required)
+        return
+    del text
+    records = _json_records(doc, label, records_key, wanted, required)
+    if not records:
+        raise StageError(f"{label}: the JSON {_json_type(doc)} holds no records.")
+    for i, obj in enumerate(_progress(records, len(records), f"read {label}"), 1):
+        if not isinstance(obj, dict):
+            raise StageError(f"{label} record {i}: expected a JSON object, got a JSON {_json_type(obj)}.")
+        _missing_columns(f"{label} record {i}", wanted, required, list(obj))
+        yield _Raw(label, "record", i, obj.get)
+
+
+def _json_document(
+    text: str,
+    label: str,
+    kind: str,
+    records_key: str | None,
+    wanted: dict[str, str],
+    required: dict[str, bool],
+) -> Any:
+    """The parsed JSON document, or None when the text is JSON Lines (one object per line)."""
+    stripped = text.lstrip()
+    head = stripped[:1]
+    if kind == "jsonl" and head != "[" and records_key is None:
+        first = stripped.split("\n", 1)[0].strip()
+        try:
+            obj = json.loads(first)
+        except json.JSONDecodeError:
+            if first != "{":  # a bad first line; a lone "{" opens a pretty-printed document
+                return None
+        else:
+            # One line holding {"data": [...]} is a document; any other parsed line starts JSON Lines.
+            one_line = not stripped.rstrip().count("\n")
+            if not (
+                one_line
+                and isinstance(obj, dict)
+                and _records_holder(obj)
+                and not _has_columns(obj, wanted, required)
+            ):
+                return None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and head == "{":  # several top-level objects: JSON Lines
+            if kind == "json":
+                log.info("%s: JSON Lines (one object per line), read line by line", label)
+            return None
+        raise StageError(f"{label} line {e.lineno}: malformed JSON ({e.msg} at column {e.colno}).") from None
+    if kind == "jsonl":
+        log.info("%s: a JSON %s, not JSON Lines; read as kind json", label, _json_type(doc))
+    return doc
+
+
+def _records_holder(obj: dict[str, Any]) -> list[str]:
+    """Top-level keys whose value is a non-empty list of objects."""
+    return [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+
+
+def _has_columns(obj: dict[str, Any], wanted: dict[str, str], required: dict[str, bool]) -> bool:
+    return all(col in obj for f, col in wanted.items() if required[f])
+
+
+def _json_records(
+    doc: Any, label: str, records_key: str | None, wanted: dict[str, str], required: dict[str, bool]
+) -> list[Any]:
+    """The records list of a JSON document: the array itself, or the list under `records_key` (or under
+    the object's only key that holds a list of objects)."""
+    if isinstance(doc, list):
+        if records_key is not None:
+            raise StageError(
+                f"{label}: records_key is {records_key!r} but the file is a JSON array, not an object."
+            )
+        return doc
+    if not isinstance(doc, dict):
+        raise StageError(f"{label}: expected a JSON array of objects, got a JSON {_json_type(doc)}.")
+    keys = _q(list(doc)[:12]) + (", ..." if len(doc) > 12 else "")
+    if records_key is not None:
+        if records_key not in doc:
+            raise StageError(
+                f"{label}: there is no top-level key {records_key!r} (records_key; keys: {keys or 'none'})."
+            )
+        recs = doc[records_key]
+        if not isinstance(recs, list):
+            raise StageError(
+                f"{label}: key {records_key!r} holds a JSON {_json_type(recs)}, not a list of records."
+            )
+        log.info("%s: records under the key %r (records_key)", label, records_key)
+        return recs
+    holders = _records_holder(doc)
+    if len(holders) == 1:
+        log.info(
+            "%s: records under the key %r (the only list of objects; records_key picks another)",
+            label,
+            holders[0],
+        )
+        return doc[holders[0]]
+    if len(holders) > 1:
+        raise StageError(
+            f"{label}: several top-level keys hold lists of records ({_q(holders)}); set records_key on the source to pick one."
+        )
+    if _has_columns(doc, wanted, required):
+        return [doc]  # a single record
+    raise StageError(
+        f"{label}: a JSON object with no list of records under any key (keys: {keys or 'none'}); give a JSON array "
+        "or set records_key on the source."
+    )
+
+
+def _iter_jsonl(text: str, label: str, wanted: dict[str, str], required: dict[str, bool]) -> Iterator[_Raw]:
     lines = text.split("\n")  # not splitlines(): U+2028 may sit unescaped inside a JSON string
     if lines and not lines[-1].strip():
         lines.pop()
@@ -545,7 +696,7 @@ def _iter_hf(src: SourceCfg, root: Path, wanted: dict[str, str], required: dict[
     data = ds.select_columns(cols).to_dict()
     for i in _progress(range(len(ds)), len(ds), f"read {src.name}"):
         vals = {c: data[c][i] for c in cols}
-        yield _Raw(label, "row", i, vals.get)
+        yield _Raw(label, "row", i, vals.get, file=label)
 
 
 def source_fields(src: SourceCfg) -> dict[str, str]:
@@ -556,7 +707,11 @@ def source_fields(src: SourceCfg) -> dict[str, str]:
         raise StageError(
             f"source {src.name!r}: fields names {_q(unknown)}, not in the {src.task} schema ({', '.join(schema)})."
         )
-    return {f: unicodedata.normalize("NFC", src.fields.get(f, f)).strip() for f in schema}
+    return {
+        f: unicodedata.normalize("NFC", src.fields.get(f, f)).strip()
+        for f in schema
+        if f not in MAPPED_ONLY or f in src.fields
+    }
 
 
 def read_source(src: SourceCfg, root: Path, max_xlsx_mb: float) -> tuple[list[Row], int]:
@@ -598,7 +753,17 @@ def read_source(src: SourceCfg, root: Path, max_xlsx_mb: float) -> tuple[list[Ro
                 where = f" (cell {raw.cell(col)})" if raw.cell else ""
                 raise StageError(f"{raw.where} {raw.unit} {raw.n}{where}: empty required column {col!r}.")
         rows.append(
-            Row(src.name, src.task, raw.where, raw.unit, raw.n, wanted, (src.task, *texts.values()), values)
+            Row(
+                src.name,
+                src.task,
+                raw.where,
+                raw.unit,
+                raw.n,
+                wanted,
+                (src.task, *texts.values()),
+                values,
+                raw.file,
+            )
         )
     return rows, blank
 
@@ -608,14 +773,17 @@ def _iter_files(
 ) -> Iterator[_Raw]:
     for path in resolve_source_files(src, root):
         label = display(path, root)
-        if src.kind == "jsonl":
-            yield from _iter_jsonl(path, label, wanted, required)
+        if src.kind in ("jsonl", "json"):
+            raws = _iter_json(path, label, wanted, required, src.kind, src.records_key)
         elif src.kind == "csv":
-            yield from _iter_csv(path, label, wanted, required)
+            raws = _iter_csv(path, label, wanted, required)
         elif src.kind == "parquet":
-            yield from _iter_parquet(path, label, wanted, required)
+            raws = _iter_parquet(path, label, wanted, required)
         else:
-            yield from _iter_xlsx(path, label, wanted, required, src, max_xlsx_mb)
+            raws = _iter_xlsx(path, label, wanted, required, src, max_xlsx_mb)
+        for raw in raws:
+            raw.file = label
+            yield raw
 
 
 # --------------------------------------------------------------------------- row checks
@@ -724,8 +892,46 @@ def build_eval(cfg: DataCfg, root: Path) -> EvalSets:
     rows, blank = read_source(cfg.eval.mcq, root, cfg.max_xlsx_mb)
     metrics[f"eval.rows_in.{cfg.eval.mcq.name}"] = len(rows) + blank
     apply_pii(rows, cfg.pii, pii)
+    mcq, mcq_dups = mcq_items(rows)
+    metrics["eval.mcq_rows"] = len(mcq)
+    for k, n in mcq_dups.items():
+        metrics[f"eval.mcq_duplicates.{k}"] = n
+
+    rows, blank = read_source(cfg.eval.koen, root, cfg.max_xlsx_mb)
+    metrics[f"eval.rows_in.{cfg.eval.koen.name}"] = len(rows) + blank
+    apply_pii(rows, cfg.pii, pii)
     rows, exact, normed = dedup(rows)
-    mcq = []
+    metrics["eval.koen_duplicates.exact"] = exact
+    metrics["eval.koen_duplicates.normalized"] = normed
+    koen = [
+        {
+            "id": short_hash("pair", r.values["ko"], r.values["en"]),
+            "source": r.source,
+            "ko": r.values["ko"],
+            "en": r.values["en"],
+        }
+        for r in rows
+    ]
+    metrics["eval.koen_rows"] = len(koen)
+    metrics["eval.dropped.duplicate"] = sum(mcq_dups.values()) + exact + normed
+    metrics["eval.pii_masked"] = sum(pii.values())
+
+    keys = {match_key(m["question"]) for m in mcq}
+    for p in koen:
+        keys.add(match_key(p["ko"]))
+        keys.add(match_key(p["en"]))
+    return EvalSets(mcq, koen, keys, metrics)
+
+
+def mcq_items(rows: list[Row]) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """Eval MCQ records from rows, de-duplicated on the item (the mapped id, if any, and the normalised
+    question and options) with its parsed answer, so 'B' and '2' are the same answer. The same item
+    with a different answer is a contract breach. Returns the records and the duplicates dropped by
+    reason: exact (the same row), normalized (equal after normalising the text), answer_format (the
+    same answer written another way: letter vs number)."""
+    dups: Counter[str] = Counter({"exact": 0, "normalized": 0, "answer_format": 0})
+    seen: dict[tuple[str, ...], tuple[Row, str]] = {}
+    out: list[dict[str, Any]] = []
     for row in rows:
         v = row.values
         letter = parse_mcq_answer(v["answer"])
@@ -737,40 +943,35 @@ def build_eval(cfg: DataCfg, root: Path) -> EvalSets:
         options = {k: v[k] for k in MCQ_LETTERS if v[k]}
         if letter not in options:
             raise StageError(f"{row.loc()}: column {col!r} names option {letter}, which is empty.")
-        mcq.append(
+        item_id = v.get("id", "")
+        key = (match_key(item_id), match_key(v["question"]), *(match_key(v[k]) for k in MCQ_LETTERS))
+        if key in seen:
+            first, first_letter = seen[key]
+            if first_letter != letter:
+                raise StageError(
+                    f"{first.loc()} and {row.loc()}: the same question and options with different answers "
+                    f"({first_letter} and {letter})."
+                )
+            if first.raw == row.raw:
+                dups["exact"] += 1
+            elif match_key(first.values["answer"]) == match_key(v["answer"]):
+                dups["normalized"] += 1
+            else:
+                dups["answer_format"] += 1
+            continue
+        seen[key] = (row, letter)
+        out.append(
             {
-                "id": short_hash("mcq", v["question"], *options.values()),
+                "id": short_hash("mcq", *([item_id] if item_id else []), v["question"], *options.values()),
                 "source": row.source,
+                "file": row.file,
+                "subject": v.get("subject", ""),
                 "question": v["question"],
                 "options": options,
                 "answer": letter,
             }
         )
-    metrics["eval.mcq_rows"] = len(mcq)
-    mcq_dups = exact + normed
-
-    rows, blank = read_source(cfg.eval.koen, root, cfg.max_xlsx_mb)
-    metrics[f"eval.rows_in.{cfg.eval.koen.name}"] = len(rows) + blank
-    apply_pii(rows, cfg.pii, pii)
-    rows, exact, normed = dedup(rows)
-    koen = [
-        {
-            "id": short_hash("pair", r.values["ko"], r.values["en"]),
-            "source": r.source,
-            "ko": r.values["ko"],
-            "en": r.values["en"],
-        }
-        for r in rows
-    ]
-    metrics["eval.koen_rows"] = len(koen)
-    metrics["eval.dropped.duplicate"] = mcq_dups + exact + normed
-    metrics["eval.pii_masked"] = sum(pii.values())
-
-    keys = {match_key(m["question"]) for m in mcq}
-    for p in koen:
-        keys.add(match_key(p["ko"]))
-        keys.add(match_key(p["en"]))
-    return EvalSets(mcq, koen, keys, metrics)
+    return out, dups
 
 
 # --------------------------------------------------------------------------- training records
@@ -904,37 +1105,53 @@ def _decode_prefix(tokenizer: Any, ids: list[int]) -> str:
 
 
 def truncate_completion(
-    tokenizer: Any, rec_cot: str | None, answer: str, eos: str, n_prompt: int, max_len: int
-) -> tuple[str, int] | None:
-    """A completion cut to fit `max_len` with the prompt: the cot is shortened first, then the answer;
-    the `<think>` frame and the EOS are kept. None when not even an empty body fits."""
-    frame = render_completion("" if rec_cot is not None else None, "", eos)
-    budget = max_len - n_prompt - len(_ids(tokenizer, frame))
-    if budget < 1:
-        return None
-    a_ids = _ids(tokenizer, answer)
-    c_ids = _ids(tokenizer, rec_cot) if rec_cot else []
-    if len(a_ids) < budget:
-        keep_c, keep_a = budget - len(a_ids), len(a_ids)
-    else:
-        keep_c, keep_a = 0, budget
+    tokenizer: Any,
+    rec_cot: str | None,
+    answer: str,
+    eos: str,
+    n_prompt: int,
+    max_len: int,
+    min_cot: int = 0,
+) -> tuple[str, int] | str:
+    """The completion shortened to fit `max_len` with the prompt, as (text, tokens), or why it cannot be.
+
+    Only the CoT is cut; the `<think>` frame, the whole answer and the EOS are kept. Returns "answer"
+    when the prompt, the frame and the whole answer do not fit (or there is no CoT to shorten), and
+    "cot" when the CoT would keep fewer than `min_cot` tokens (or nothing at all, with min_cot 0 aside).
+    """
+    if not rec_cot:
+        return "answer"
+    room = max_len - n_prompt - len(_ids(tokenizer, render_completion("", answer, eos)))
+    if room < 0:
+        return "answer"
+    c_ids = _ids(tokenizer, rec_cot)
+    keep = min(room, len(c_ids))
     for _ in range(64):  # re-tokenising the cut text can differ by a token or two at the seams
-        cot = (
-            None
-            if rec_cot is None
-            else (_decode_prefix(tokenizer, c_ids[:keep_c]) if keep_c < len(c_ids) else rec_cot)
-        )
-        ans = _decode_prefix(tokenizer, a_ids[:keep_a]) if keep_a < len(a_ids) else answer
-        comp = render_completion(cot, ans, eos)
+        if keep < min_cot:
+            return "cot"
+        cot = rec_cot if keep >= len(c_ids) else _decode_prefix(tokenizer, c_ids[:keep])
+        if min_cot and not cot.strip():
+            return "cot"
+        comp = render_completion(cot, answer, eos)
         n = len(_ids(tokenizer, comp))
         over = n_prompt + n - max_len
         if over <= 0:
             return comp, n
-        if keep_c > 0:
-            keep_c = max(0, keep_c - over)
-        else:
-            keep_a = max(0, keep_a - over)
-    return None
+        if keep == 0:
+            return "answer"
+        keep = max(0, keep - over)
+    return "cot"
+
+
+def overlong_reason(
+    tokenizer: Any, rec_cot: str | None, answer: str, eos: str, n_prompt: int, max_len: int
+) -> str:
+    """Why an overlong record cannot be kept whole: "answer" when the prompt and the whole answer (in
+    the empty `<think>` frame) do not fit, else "cot" (only its CoT is too long)."""
+    if not rec_cot:
+        return "answer"
+    n = len(_ids(tokenizer, render_completion("", answer, eos)))
+    return "answer" if n_prompt + n > max_len else "cot"
 
 
 def _percentiles(values: list[int]) -> dict[str, int]:
@@ -982,7 +1199,15 @@ def build_stage(
         raise StageError(f"data.{name}.sources: source names must be unique (got {_q(names)}).")
     m: dict[str, Any] = {}
     drops: Counter[str] = Counter(
-        {"empty": 0, "duplicate": 0, "eval_overlap": 0, "overlong": 0, "subsampled": 0}
+        {
+            "empty": 0,
+            "duplicate": 0,
+            "eval_overlap": 0,
+            "overlong": 0,
+            "overlong_answer": 0,
+            "overlong_cot": 0,
+            "subsampled": 0,
+        }
     )
     pii: Counter[str] = Counter({"rrn": 0, "phone": 0})
     weights = {s.name: s.weight for s in scfg.sources}
@@ -1043,27 +1268,56 @@ def build_stage(
         r.prompt = render_prompt(cfg.system_prompt, r.question)
         r.completion = render_completion(r.cot, r.answer, eos)
 
-    # Token lengths with the base tokenizer; overlong records dropped or truncated.
+    # Token lengths with the base tokenizer. An overlong record is dropped, or (truncate) kept with its
+    # CoT shortened to no fewer than min_cot_tokens; the answer is never cut.
     n_p = token_lengths(tokenizer, [r.prompt for r in recs], True, f"{name} prompts")
     n_c = token_lengths(tokenizer, [r.completion for r in recs], False, f"{name} completions")
     truncated = 0
+    lost = {"answer": 0, "cot": 0}  # reasoning records dropped as overlong, by reason
     fitted: list[_Rec] = []
     for r, a, b in zip(recs, n_p, n_c, strict=True):
         r.n_prompt, r.n_tokens = a, a + b
         if r.n_tokens > max_len:
-            cut = (
-                truncate_completion(tokenizer, r.cot, r.answer, eos, a, max_len)
-                if cfg.overlong == "truncate"
-                else None
-            )
-            if cut is None:
-                drops["overlong"] += 1
-                by_src[r.source]["overlong"] += 1
+            if cfg.overlong == "truncate":
+                cut = truncate_completion(tokenizer, r.cot, r.answer, eos, a, max_len, cfg.min_cot_tokens)
+            else:
+                cut = overlong_reason(tokenizer, r.cot, r.answer, eos, a, max_len)
+            if isinstance(cut, str):
+                for k in ("overlong", f"overlong_{cut}"):
+                    drops[k] += 1
+                    by_src[r.source][k] += 1
+                if r.task == "reasoning":
+                    lost[cut] += 1
                 continue
             r.completion, r.n_tokens, r.truncated = cut[0], a + cut[1], True
             by_src[r.source]["truncated"] += 1
             truncated += 1
         fitted.append(r)
+
+    # Contract: a stage whose reasoning records mostly lose their CoT to the length limit is refused.
+    n_reasoning = sum(r.task == "reasoning" for r in recs)
+    n_lost = sum(lost.values())
+    share = n_lost / n_reasoning if n_reasoning else 0.0
+    m[f"{name}.reasoning_records"] = n_reasoning
+    m[f"{name}.cot_lost"] = n_lost
+    m[f"{name}.cot_lost_share"] = round(share, 4)
+    if share > cfg.max_cot_loss_share:
+        below = (
+            f"below data.min_cot_tokens={cfg.min_cot_tokens}"
+            if cfg.overlong == "truncate"
+            else "(data.overlong=drop)"
+        )
+        lower = (
+            ", or lower data.min_cot_tokens"
+            if cfg.overlong == "truncate"
+            else ", or set data.overlong=truncate"
+        )
+        raise StageError(
+            f"data.{name}: {n_lost} of {n_reasoning} reasoning records ({share:.1%}) would lose their CoT at "
+            f"model.max_seq_length={max_len} ({lost['answer']} because the answer would be cut, {lost['cot']} "
+            f"because the CoT would be cut {below}), more than data.max_cot_loss_share={cfg.max_cot_loss_share:g}; "
+            f"raise model.max_seq_length or data.max_cot_loss_share{lower}."
+        )
 
     # Split by a hash of the normalised question; weight > 1 repeats records in train only.
     train: list[dict[str, Any]] = []
@@ -1090,6 +1344,15 @@ def build_stage(
     for src in scfg.sources:
         m[f"{name}.rows_out.{src.name}"] = out_by_src[src.name]
         by_src[src.name]["records_out"] = out_by_src[src.name]
+        if by_src[src.name]["overlong"] and not out_by_src[src.name]:
+            log.warning(
+                "%s: %s: every record was over model.max_seq_length=%d and dropped (%d would have had their "
+                "answer cut)",
+                name,
+                src.name,
+                max_len,
+                by_src[src.name]["overlong_answer"],
+            )
     for k, v in drops.items():
         m[f"{name}.dropped.{k}"] = v
     m[f"{name}.truncated"] = truncated
@@ -1172,10 +1435,18 @@ def data_report(params: Params, built: Built) -> str:
         "# Data report",
         "",
         f"Token lengths are the base tokenizer's, against model.max_seq_length = {params.model.max_seq_length}; "
-        f"overlong = {cfg.overlong}, pii = {cfg.pii}, val_fraction = {cfg.val_fraction}, "
-        f"think_for_non_reasoning = {cfg.think_for_non_reasoning}.",
+        f"overlong = {cfg.overlong}, min_cot_tokens = {cfg.min_cot_tokens}, "
+        f"max_cot_loss_share = {cfg.max_cot_loss_share:g}, pii = {cfg.pii}, val_fraction = {cfg.val_fraction}, "
+        f"think_for_non_reasoning = {cfg.think_for_non_reasoning}. An answer is never cut: a record whose "
+        "prompt and whole answer do not fit is dropped.",
         "",
     ]
+    max_len = params.model.max_seq_length
+    cot_why = (
+        f"the CoT would keep fewer than data.min_cot_tokens = {cfg.min_cot_tokens} tokens"
+        if cfg.overlong == "truncate"
+        else "the CoT would have to be cut (overlong = drop)"
+    )
     for name in STAGES:
         scfg: StageDataCfg = getattr(cfg, name)
         g = lambda k, name=name: metrics.get(f"{name}.{k}", 0)  # noqa: E731
@@ -1186,14 +1457,15 @@ def data_report(params: Params, built: Built) -> str:
             "Rows are source rows; records are training examples (a translation pair gives one per direction).",
             "",
             "| source | task | kind | weight | rows in | blank | duplicate | equals eval item | subsampled "
-            "| records over length | truncated (kept) | records out |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| over length: answer would be cut | over length: CoT too short | CoT shortened (kept) | records out |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for s in scfg.sources:
             c = by.get(s.name, Counter())
             L.append(
                 f"| {s.name} | {s.task} | {s.kind} | {s.weight:g} | {c['rows_in']} | {c['empty']} | {c['duplicate']} "
-                f"| {c['eval_overlap']} | {c['subsampled']} | {c['overlong']} | {c['truncated']} | {c['records_out']} |"
+                f"| {c['eval_overlap']} | {c['subsampled']} | {c['overlong_answer']} | {c['overlong_cot']} "
+                f"| {c['truncated']} | {c['records_out']} |"
             )
         L += [
             "",
@@ -1209,11 +1481,16 @@ def data_report(params: Params, built: Built) -> str:
             ("duplicate", "duplicate row (exact + normalised)"),
             ("eval_overlap", "row equals an eval item"),
             ("subsampled", "row left out by weight < 1"),
-            ("overlong", f"record over {params.model.max_seq_length} tokens"),
+            ("overlong_answer", f"record over {max_len} tokens: the answer would be cut"),
+            ("overlong_cot", f"record over {max_len} tokens: {cot_why}"),
         ):
             L.append(f"| {what} | {g('dropped.' + reason)} |")
         L += [
-            f"| *record truncated to fit (kept)* | {g('truncated')} |",
+            f"| *record over {max_len} tokens kept with its CoT shortened* | {g('truncated')} |",
+            "",
+            f"Reasoning records that lost their CoT to the length limit (dropped): {g('cot_lost')} of "
+            f"{g('reasoning_records')} ({g('cot_lost_share'):.1%}); the stage fails above "
+            f"data.max_cot_loss_share = {cfg.max_cot_loss_share:g}.",
             "",
             f"Duplicates: {g('duplicates.exact')} exact, {g('duplicates.normalized')} equal only after normalisation.",
             "",
@@ -1233,7 +1510,12 @@ def data_report(params: Params, built: Built) -> str:
         f"| mcq | {cfg.eval.mcq.name} | {metrics.get('eval.rows_in.' + cfg.eval.mcq.name, 0)} | {metrics.get('eval.mcq_rows', 0)} |",
         f"| koen | {cfg.eval.koen.name} | {metrics.get('eval.rows_in.' + cfg.eval.koen.name, 0)} | {metrics.get('eval.koen_rows', 0)} |",
         "",
-        f"Duplicates dropped: {metrics.get('eval.dropped.duplicate', 0)}. PII masked: {metrics.get('eval.pii_masked', 0)}. "
+        f"Duplicates dropped: {metrics.get('eval.dropped.duplicate', 0)} (mcq: "
+        f"{metrics.get('eval.mcq_duplicates.exact', 0)} exact, {metrics.get('eval.mcq_duplicates.normalized', 0)} "
+        f"equal after normalisation, {metrics.get('eval.mcq_duplicates.answer_format', 0)} the same answer written "
+        f"another way, e.g. B and 2; koen: {metrics.get('eval.koen_duplicates.exact', 0)} exact, "
+        f"{metrics.get('eval.koen_duplicates.normalized', 0)} equal after normalisation). "
+        f"PII masked: {metrics.get('eval.pii_masked', 0)}. "
         f"Training rows removed for equalling an eval item: {metrics.get('eval.overlap_removed', 0)}.",
         "",
     ]

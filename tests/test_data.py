@@ -334,7 +334,7 @@ def test_header_only_and_empty_sheets(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "csv", "xlsx", "parquet"])
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "xlsx", "parquet"])
 def test_empty_file(tmp_path: Path, kind: str) -> None:
     (tmp_path / f"e.{kind}").write_bytes(b"" if kind != "jsonl" else b"\n  \n")
     msg = error_of(read, tmp_path, one_source(tmp_path, kind, f"e.{kind}", "pairs", {}))
@@ -373,6 +373,130 @@ def test_malformed_jsonl_line(tmp_path: Path) -> None:
     (tmp_path / "m.jsonl").write_text('{"ko": "a", "en": "b"}\n\n{"ko": "c", "en": }\n', encoding="utf-8")
     msg = error_of(read, tmp_path, one_source(tmp_path, "jsonl", "m.jsonl", "pairs", {}))
     assert msg.startswith("m.jsonl line 3: malformed JSON (")
+
+
+# --------------------------------------------------------------------------- JSON layouts
+
+
+def test_json_array_object_and_lines_are_read_by_either_kind(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The published layouts: a (pretty-printed) JSON array, an object holding the records under a key
+    (found alone or named by records_key), JSON Lines; the layout comes from the content, not the kind."""
+    rows = reasoning_rows(3)
+    array = json.dumps(rows, ensure_ascii=False, indent=2)
+    (tmp_path / "a.json").write_text(array, encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text(array, encoding="utf-8")  # an array behind a .jsonl name
+    (tmp_path / "o.json").write_text(json.dumps({"version": "1.0", "data": rows}, indent=1), encoding="utf-8")
+    (tmp_path / "o.jsonl").write_text(json.dumps({"data": rows}), encoding="utf-8")  # one line, a document
+    (tmp_path / "s.json").write_text(json.dumps({"train": rows, "test": rows[:1]}), encoding="utf-8")
+    wjsonl(tmp_path / "l.json", rows)  # JSON Lines behind a .json name
+    want = [r["Question"] for r in rows]
+    caplog.set_level("INFO", logger="kmed.data")
+    for kind, path, kw, unit in (
+        ("json", "a.json", {}, "record"),
+        ("jsonl", "a.jsonl", {}, "record"),
+        ("json", "o.json", {}, "record"),
+        ("jsonl", "o.jsonl", {}, "record"),
+        ("json", "s.json", {"records_key": "train"}, "record"),
+        ("json", "l.json", {}, "line"),
+    ):
+        got = read(tmp_path, one_source(tmp_path, kind, path, "reasoning", R_FIELDS, **kw))
+        assert [r.values["question"] for r in got] == want, path
+        assert (got[2].loc(), got[2].file) == (f"{path} {unit} 3", path)
+    log = caplog.text
+    assert "a.jsonl: a JSON array, not JSON Lines; read as kind json" in log
+    assert "o.json: records under the key 'data' (the only list of objects" in log
+    assert "s.json: records under the key 'train' (records_key)" in log
+    assert "l.json: JSON Lines (one object per line), read line by line" in log
+    # A folder source of kind json reads its *.json files (not the .jsonl ones).
+    (tmp_path / "d").mkdir()
+    for name in ("b.json", "a.json", "x.jsonl"):
+        (tmp_path / "d" / name).write_text(array, encoding="utf-8")
+    got = read(tmp_path, one_source(tmp_path, "json", "d", "reasoning", R_FIELDS))
+    assert [r.file for r in got] == ["d/a.json"] * 3 + ["d/b.json"] * 3
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "kw", "want"),
+    [
+        (
+            "json",
+            '[\n  {"Question": "q",\n  }\n]',
+            {},
+            "line 3: malformed JSON (Expecting property name enclosed in double quotes at column 3).",
+        ),
+        (
+            "jsonl",
+            '[\n  {"Question": "q",\n  }\n]',
+            {},
+            "line 3: malformed JSON (Expecting property name enclosed in double quotes at column 3).",
+        ),
+        (
+            "jsonl",
+            '{\n "data": [\n  {"Question": 1}\n]',
+            {},
+            "line 4: malformed JSON (Expecting ',' delimiter at column 2).",
+        ),
+        ("json", "[1, 2]", {}, "record 1: expected a JSON object, got a JSON number."),
+        ("json", "[]", {}, ": the JSON array holds no records."),
+        ("json", '"text"', {}, ": expected a JSON array of objects, got a JSON string."),
+        (
+            "json",
+            '{"a": 1, "b": [1]}',
+            {},
+            ": a JSON object with no list of records under any key (keys: 'a', 'b'); give a JSON array or set "
+            "records_key on the source.",
+        ),
+        (
+            "json",
+            '{"train": [{"a": 1}], "test": [{"a": 2}]}',
+            {},
+            ": several top-level keys hold lists of records ('train', 'test'); set records_key on the source to pick one.",
+        ),
+        (
+            "json",
+            '{"data": [{"a": 1}]}',
+            {"records_key": "rows"},
+            ": there is no top-level key 'rows' (records_key; keys: 'data').",
+        ),
+        (
+            "json",
+            '{"data": "x"}',
+            {"records_key": "data"},
+            ": key 'data' holds a JSON string, not a list of records.",
+        ),
+        (
+            "json",
+            '[{"Question": "q"}]',
+            {},
+            "record 1: missing columns 'Complex_CoT', 'Response' (found: 'Question').",
+        ),
+    ],
+)
+def test_json_errors_name_the_real_problem(tmp_path: Path, kind: str, text: str, kw: dict, want: str) -> None:
+    (tmp_path / f"x.{kind}").write_text(text, encoding="utf-8")
+    msg = error_of(read, tmp_path, one_source(tmp_path, kind, f"x.{kind}", "reasoning", R_FIELDS, **kw))
+    assert msg == f"x.{kind}{'' if want.startswith(':') else ' '}{want}"
+
+
+def test_new_data_keys_are_validated(tmp_path: Path) -> None:
+    from kmed.config import ParamsError, load_params
+
+    root = Path(__file__).resolve().parents[1]
+    for mutate, want in (
+        (
+            lambda d: d["stage1"]["sources"][0].update(kind="csv", records_key="data"),
+            "records_key is for kind json",
+        ),
+        (lambda d: d.update(max_cot_loss_share=1.5), "key 'data.max_cot_loss_share'"),
+        (lambda d: d.update(min_cot_tokens=-1), "key 'data.min_cot_tokens'"),
+    ):
+        raw = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+        mutate(raw["data"])
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+        with pytest.raises(ParamsError, match=want):
+            load_params(tmp_path / "params.yaml")
 
 
 def test_empty_required_cell_names_file_row_column(tmp_path: Path) -> None:
@@ -477,7 +601,8 @@ def test_mcq_letter_and_integer_answers(tmp_path: Path, smol_tokenizer: Any) -> 
         mcq = D.build_datasets(p, smol_tokenizer, tmp_path).files["eval/mcq.jsonl"]
         assert [m["answer"] for m in mcq] == want
     assert mcq[0]["options"] == {"A": "a", "B": "b", "C": "c", "D": "d"}  # no E column: four options
-    assert set(mcq[0]) == {"id", "source", "question", "options", "answer"}
+    assert mcq[0]["file"] == "m.xlsx" and mcq[0]["subject"] == ""  # subject not mapped
+    assert set(mcq[0]) == {"id", "source", "file", "subject", "question", "options", "answer"}
 
 
 @pytest.mark.parametrize(
@@ -492,6 +617,78 @@ def test_mcq_bad_answer(tmp_path: Path, smol_tokenizer: Any, answer: str, why: s
     )
     p = make_params(tmp_path, mcq=src("m", "csv", "m.csv", "mcq", MCQ_FIELDS))
     assert error_of(D.build_datasets, p, smol_tokenizer, tmp_path) == f"m.csv row 2: column 'answer' {why}."
+
+
+def _letter_and_integer_copies(root: Path, n: int = 6) -> list[list[Any]]:
+    """KorMedMCQA-style rows written twice into one folder: letter answers, then integer answers."""
+    rows = [
+        [
+            "doctor" if i % 2 else "nurse",
+            2023,
+            f"{i}번 환자에게 가장 적절한 처치는?",
+            "가",
+            "나",
+            "다",
+            "라",
+            "마",
+            "ABCDE"[i % 5],
+        ]
+        for i in range(n)
+    ]
+    wcsv(root / "kmcq/letter.csv", MCQ_HEADER, rows)
+    wcsv(root / "kmcq/number.csv", MCQ_HEADER, [[*r[:-1], "ABCDE".index(r[-1]) + 1] for r in rows])
+    return rows
+
+
+def test_mcq_dedup_compares_the_parsed_answer(tmp_path: Path, smol_tokenizer: Any) -> None:
+    rows = _letter_and_integer_copies(tmp_path)
+    with (tmp_path / "kmcq/letter.csv").open("a", encoding="utf-8") as f:
+        csv.writer(f).writerows(
+            [rows[0], [*rows[1][:2], "  " + rows[1][2].replace(" ", "   "), *rows[1][3:]]]
+        )
+    fields = {**MCQ_FIELDS, "subject": "subject"}
+    p = make_params(tmp_path, mcq=src("kmcq", "csv", "kmcq", "mcq", fields))
+    b = D.build_datasets(p, smol_tokenizer, tmp_path)
+    mcq = b.files["eval/mcq.jsonl"]
+    assert len(mcq) == 6 and len({m["id"] for m in mcq}) == 6
+    assert [m["answer"] for m in mcq] == [r[-1] for r in rows]
+    assert {m["file"] for m in mcq} == {"kmcq/letter.csv"} and mcq[1]["subject"] == "doctor"
+    m = b.metrics
+    assert m["eval.rows_in.kmcq"] == 14 and m["eval.mcq_rows"] == 6
+    assert (m["eval.mcq_duplicates.exact"], m["eval.mcq_duplicates.normalized"]) == (1, 1)
+    assert m["eval.mcq_duplicates.answer_format"] == 6 and m["eval.dropped.duplicate"] == 8
+    report = D.data_report(p, b)
+    assert (
+        "Duplicates dropped: 8 (mcq: 1 exact, 1 equal after normalisation, 6 the same answer written another way"
+        in report
+    )
+
+
+def test_mcq_same_item_with_different_answers_fails_naming_both_rows(
+    tmp_path: Path, smol_tokenizer: Any
+) -> None:
+    rows = _letter_and_integer_copies(tmp_path)
+    wcsv(tmp_path / "kmcq/number.csv", MCQ_HEADER, [[*rows[0][:-1], 1], [*rows[1][:-1], 4]])  # B vs D
+    p = make_params(tmp_path, mcq=src("kmcq", "csv", "kmcq", "mcq", MCQ_FIELDS))
+    assert error_of(D.build_datasets, p, smol_tokenizer, tmp_path) == (
+        "kmcq/letter.csv row 3 and kmcq/number.csv row 3: the same question and options with different "
+        "answers (B and D)."
+    )
+
+
+def test_mcq_id_takes_part_in_dedup_only_when_mapped(tmp_path: Path, smol_tokenizer: Any) -> None:
+    header = ["id", "question", "A", "B", "C", "D", "answer"]
+    wcsv(
+        tmp_path / "m.csv",
+        header,
+        [["2022-1", "q", "a", "b", "c", "d", "A"], ["2023-7", "q", "a", "b", "c", "d", 1]],
+    )
+    fields = {f: f for f in ("question", "A", "B", "C", "D", "answer")}
+    p = make_params(tmp_path, mcq=src("m", "csv", "m.csv", "mcq", {**fields, "id": "id"}))
+    mcq = D.build_datasets(p, smol_tokenizer, tmp_path).files["eval/mcq.jsonl"]
+    assert len(mcq) == 2 and mcq[0]["id"] != mcq[1]["id"]  # two exam items that share their text
+    p = make_params(tmp_path, mcq=src("m", "csv", "m.csv", "mcq", fields))  # the id column is not read
+    assert len(D.build_datasets(p, smol_tokenizer, tmp_path).files["eval/mcq.jsonl"]) == 1
 
 
 # --------------------------------------------------------------------------- duplicates, overlap, split
@@ -677,14 +874,24 @@ def test_overlong_drop(tmp_path: Path, smol_tokenizer: Any) -> None:
         max_seq_length=160,
         val_fraction=0.01,
         overlong="drop",
+        max_cot_loss_share=1.0,
     )
     b = D.build_datasets(p, smol_tokenizer, tmp_path)
     recs = b.files["stage1/train.jsonl"] + b.files["stage1/val.jsonl"]
-    assert b.metrics["stage1.dropped.overlong"] == 3 and b.metrics["stage1.truncated"] == 0
+    m = b.metrics
+    assert (m["stage1.dropped.overlong"], m["stage1.truncated"]) == (3, 0)
+    # The long-CoT record's answer would fit; the long answer and the huge question would not.
+    assert (m["stage1.dropped.overlong_cot"], m["stage1.dropped.overlong_answer"]) == (1, 2)
+    assert (m["stage1.cot_lost"], m["stage1.reasoning_records"], m["stage1.cot_lost_share"]) == (3, 4, 0.75)
     assert len(recs) == 1 and recs[0]["n_tokens"] <= 160
 
 
-def test_overlong_truncate_keeps_eos_and_fits(tmp_path: Path, smol_tokenizer: Any) -> None:
+def _cot_tokens(tok: Any, completion: str) -> int:
+    cot = completion.split("<think>\n", 1)[1].split("\n</think>\n", 1)[0]
+    return len(tok(cot, add_special_tokens=False)["input_ids"])
+
+
+def test_overlong_truncate_shortens_only_the_cot(tmp_path: Path, smol_tokenizer: Any) -> None:
     wjsonl(tmp_path / "l.jsonl", _long_rows())
     p = make_params(
         tmp_path,
@@ -692,15 +899,21 @@ def test_overlong_truncate_keeps_eos_and_fits(tmp_path: Path, smol_tokenizer: An
         max_seq_length=160,
         val_fraction=0.01,
         overlong="truncate",
+        max_cot_loss_share=1.0,
     )
     b = D.build_datasets(p, smol_tokenizer, tmp_path)
     recs = {
         r["prompt"].split("### Question:\n")[1][:12]: r
         for r in b.files["stage1/train.jsonl"] + b.files["stage1/val.jsonl"]
     }
-    assert (
-        b.metrics["stage1.truncated"] == 2 and b.metrics["stage1.dropped.overlong"] == 1
-    )  # the huge prompt can't fit
+    m = b.metrics
+    # The long Korean answer would be cut and the huge prompt cannot fit: both dropped, never cut.
+    assert (m["stage1.truncated"], m["stage1.dropped.overlong"], m["stage1.dropped.overlong_answer"]) == (
+        1,
+        2,
+        2,
+    )
+    assert set(recs) == {"Short questi", "Long reasoni"}
     for r in recs.values():
         real = len(smol_tokenizer(r["prompt"] + r["completion"])["input_ids"])
         assert r["n_tokens"] == real <= 160
@@ -708,8 +921,90 @@ def test_overlong_truncate_keeps_eos_and_fits(tmp_path: Path, smol_tokenizer: An
         assert "\n</think>\n" in r["completion"] and "\ufffd" not in r["completion"]
     long_cot = recs["Long reasoni"]["completion"]
     assert long_cot.endswith("\n</think>\nThe final answer." + EOS)  # the cot is cut, the answer kept
-    assert recs["Long Korean "]["completion"].startswith("<think>\n\n</think>\n한국어 답변입니다.")
+    assert _cot_tokens(smol_tokenizer, long_cot) >= 32 and long_cot.startswith(
+        "<think>\nreasoning step reasoning"
+    )
     assert recs["Short questi"]["completion"] == D.render_completion(("step " * 10).strip(), "Short.", EOS)
+    report = D.data_report(p, b)
+    assert "| l | reasoning | jsonl | 1 | 4 | 0 | 0 | 0 | 0 | 2 | 0 | 1 | 2 |" in report
+    assert "record over 160 tokens: the answer would be cut | 2 |" in report
+    assert "Reasoning records that lost their CoT to the length limit (dropped): 2 of 4 (50.0%)" in report
+
+
+def test_truncate_keeps_min_cot_tokens_or_drops(smol_tokenizer: Any) -> None:
+    cot, answer = "reasoning step " * 100, "The final answer."
+    n_prompt = len(smol_tokenizer(D.render_prompt(SYSTEM, "q?"))["input_ids"])
+    frame = len(smol_tokenizer(D.render_completion("", answer, EOS), add_special_tokens=False)["input_ids"])
+    room = 100 - n_prompt - frame  # CoT tokens that fit in 100
+    comp, n = D.truncate_completion(smol_tokenizer, cot, answer, EOS, n_prompt, 100, min_cot=room - 4)
+    assert (
+        n_prompt + n <= 100 and comp.endswith(answer + EOS) and _cot_tokens(smol_tokenizer, comp) >= room - 4
+    )
+    assert D.truncate_completion(smol_tokenizer, cot, answer, EOS, n_prompt, 100, min_cot=room + 1) == "cot"
+    assert D.truncate_completion(smol_tokenizer, cot, answer, EOS, n_prompt, n_prompt + frame - 1) == "answer"
+    # min_cot 0 allows an emptied CoT, still never a cut answer.
+    comp, _ = D.truncate_completion(smol_tokenizer, cot, answer, EOS, n_prompt, n_prompt + frame, min_cot=0)
+    assert comp == D.render_completion("", answer, EOS)
+    assert D.truncate_completion(smol_tokenizer, "", "x " * 200, EOS, n_prompt, 100) == "answer"
+
+
+def test_non_reasoning_answers_are_never_cut(tmp_path: Path, smol_tokenizer: Any) -> None:
+    wjsonl(
+        tmp_path / "i.jsonl",
+        [
+            {"instruction": "짧게 답하세요.", "input": "", "output": "네."},
+            {"instruction": "길게 설명하세요.", "input": "", "output": "아주 긴 설명입니다. " * 100},
+        ],
+    )
+    p = make_params(
+        tmp_path,
+        stage2=[src("i", "jsonl", "i.jsonl", "instruction", I_FIELDS)],
+        overlong="truncate",
+        max_seq_length=160,
+    )
+    b = D.build_datasets(p, smol_tokenizer, tmp_path)
+    recs = b.files["stage2/train.jsonl"] + b.files["stage2/val.jsonl"]
+    assert [r["completion"] for r in recs] == ["<think>\n\n</think>\n네." + EOS]
+    assert (b.metrics["stage2.dropped.overlong_answer"], b.metrics["stage2.truncated"]) == (1, 0)
+    assert b.metrics["stage2.cot_lost"] == 0  # not a reasoning record: the CoT contract does not count it
+
+
+def test_cot_loss_contract_fails_with_one_sentence(tmp_path: Path, smol_tokenizer: Any) -> None:
+    long = [
+        {"Question": f"Case {i}?", "Complex_CoT": "reasoning step " * 200, "Response": "Answer."}
+        for i in range(3)
+    ]
+    wjsonl(tmp_path / "l.jsonl", reasoning_rows(7) + long)
+    kw: dict[str, Any] = {
+        "stage1": [src("l", "jsonl", "l.jsonl", "reasoning", R_FIELDS)],
+        "max_seq_length": 160,
+    }
+    # 3 of 10 records need their CoT cut: kept (truncate) with 32 CoT tokens left, lost below 150.
+    b = D.build_datasets(make_params(tmp_path, overlong="truncate", **kw), smol_tokenizer, tmp_path)
+    assert (b.metrics["stage1.truncated"], b.metrics["stage1.cot_lost"]) == (3, 0)
+    msg = error_of(
+        D.build_datasets,
+        make_params(tmp_path, overlong="truncate", min_cot_tokens=150, **kw),
+        smol_tokenizer,
+        tmp_path,
+    )
+    assert msg == (
+        "data.stage1: 3 of 10 reasoning records (30.0%) would lose their CoT at model.max_seq_length=160 (0 because "
+        "the answer would be cut, 3 because the CoT would be cut below data.min_cot_tokens=150), more than "
+        "data.max_cot_loss_share=0.1; raise model.max_seq_length or data.max_cot_loss_share, or lower "
+        "data.min_cot_tokens."
+    )
+    msg = error_of(D.build_datasets, make_params(tmp_path, overlong="drop", **kw), smol_tokenizer, tmp_path)
+    assert msg.startswith(
+        "data.stage1: 3 of 10 reasoning records (30.0%) would lose their CoT"
+    ) and msg.endswith(
+        "because the CoT would be cut (data.overlong=drop)), more than data.max_cot_loss_share=0.1; raise "
+        "model.max_seq_length or data.max_cot_loss_share, or set data.overlong=truncate."
+    )
+    b = D.build_datasets(
+        make_params(tmp_path, overlong="drop", max_cot_loss_share=0.3, **kw), smol_tokenizer, tmp_path
+    )
+    assert b.metrics["stage1.cot_lost_share"] == 0.3  # at the limit: allowed
 
 
 # --------------------------------------------------------------------------- the stage
