@@ -175,7 +175,9 @@ def main() -> None:
             prefix = sum(agreement(a, b, ec.parity_tokens) for a, b in zip(ref, got, strict=True)) / len(ref)
             ppl = gguf_ppl(llm, texts)
             chat = llm.create_chat_completion(
-                messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=256, temperature=0.0
+                # A question with a short answer, in English (SmolLM2's BPE spends ~3 tokens per Hangul
+                # syllable, so 256 tokens cut a Korean answer short): the check is the template + EOS.
+                messages=[{"role": "user", "content": QUESTIONS[3]}], max_tokens=512, temperature=0.0
             )
         finally:
             llm.close()
