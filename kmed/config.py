@@ -226,7 +226,9 @@ class Params(_Frozen):
         if self.sft_stage1.init != "base":
             raise ValueError("sft_stage1.init must be 'base' (there is no earlier stage)")
         if self.model.load_in_4bit and not self.merge.dequantize_4bit:
-            raise ValueError("merge.dequantize_4bit=false with model.load_in_4bit=true would merge into 4-bit weights")
+            raise ValueError(
+                "merge.dequantize_4bit=false with model.load_in_4bit=true would merge into 4-bit weights"
+            )
         return self
 
     def sft(self, stage: str) -> SftStageCfg:

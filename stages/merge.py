@@ -43,8 +43,10 @@ def fixed_logits(model: Any, tok: Any) -> list[Any]:
 
     dev = next(model.parameters()).device
     with torch.no_grad():
-        return [model(input_ids=tok(p, return_tensors="pt")["input_ids"].to(dev)).logits.float().cpu()
-                for p in PARITY_PROMPTS]
+        return [
+            model(input_ids=tok(p, return_tensors="pt")["input_ids"].to(dev)).logits.float().cpu()
+            for p in PARITY_PROMPTS
+        ]
 
 
 def parity(ref: list[Any], new: list[Any]) -> dict[str, float]:
@@ -68,7 +70,11 @@ def main() -> None:
     # Config.
     params = load_params()
     mc = params.merge
-    sec = {"merge": resolved_dict(mc), "model": resolved_dict(params.model), f"sft_{stage}": resolved_dict(params.sft(stage))}
+    sec = {
+        "merge": resolved_dict(mc),
+        "model": resolved_dict(params.model),
+        f"sft_{stage}": resolved_dict(params.sft(stage)),
+    }
     log.info("merge %s: resolved config %s", stage, json.dumps(sec, ensure_ascii=False))
     import torch
     from peft import PeftModel
@@ -109,13 +115,27 @@ def main() -> None:
     with atomic_dir(out) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=mc.max_shard_size)
         tok.save_pretrained(str(tmp))
-        adapter_lineage = json.loads((adapter / "lineage.json").read_text()) if (adapter / "lineage.json").exists() else {}
-        write_json(tmp / "lineage.json", lineage(f"merge-{stage}", {**adapter_lineage.get("params", {}), **sec},
-                                                  merged_from=str(base_dir), adapter=str(adapter), **par))
+        adapter_lineage = (
+            json.loads((adapter / "lineage.json").read_text()) if (adapter / "lineage.json").exists() else {}
+        )
+        write_json(
+            tmp / "lineage.json",
+            lineage(
+                f"merge-{stage}",
+                {**adapter_lineage.get("params", {}), **sec},
+                merged_from=str(base_dir),
+                adapter=str(adapter),
+                **par,
+            ),
+        )
 
     # Metrics.
-    metrics = {**par, "save_dtype_bits": 16, "seconds": round(time.time() - t0, 1),
-               "size_mb": round(sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**20, 1)}
+    metrics = {
+        **par,
+        "save_dtype_bits": 16,
+        "seconds": round(time.time() - t0, 1),
+        "size_mb": round(sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**20, 1),
+    }
     write_json(f"metrics/merge-{stage}.json", metrics)
     with Tracker(params.mlflow, f"merge-{stage}", sec) as tr:
         tr.log_metrics(metrics)
