@@ -73,6 +73,8 @@ def _write(tmp_path: Path, mutate) -> Path:  # noqa: ANN001
         (lambda r: r["model"].update(base="org/model", revision=None), "must pin a revision"),
         (lambda r: r["model"].update(trust_remote_code=True), "trust_remote_code is refused"),
         (lambda r: r["merge"].update(dequantize_4bit=False), "would merge into 4-bit"),
+        (lambda r: r["merge"].update(max_shard_size="2 potatoes"), "'merge.max_shard_size'"),
+        (lambda r: r["merge"].update(probe_max_rel=1e-4), "the bf16 cast alone"),
         (lambda r: r["data"]["stage1"]["sources"][0].pop("path"), "needs a path"),
     ],
 )
