@@ -350,6 +350,24 @@ class MergeResult:
     tensors: int = 0
 
 
+def return_freed_memory_at_once() -> None:
+    """Have glibc hand every freed block of 1 MiB or more straight back to the OS.
+
+    By default glibc raises its mmap threshold each time a big block is freed, so later tensors of that size
+    come from the heap and stay resident after they are freed: on bench/bench_merge.py's 400M model the
+    stage's peak RSS then varied 1.0-1.4 GB from run to run, and stayed at 0.84 GB with the threshold pinned.
+    A no-op where libc has no mallopt (musl, macOS).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB (setting it also turns the dynamic raise off)
+    except (OSError, AttributeError):
+        pass
+
+
 def stream_merge(
     base: BaseWeights,
     adapter: Adapter,
@@ -372,6 +390,7 @@ def stream_merge(
     from safetensors.torch import save_file
     from tqdm import tqdm
 
+    return_freed_memory_at_once()
     dtype = torch_dtype(save_dtype)
     plan = plan_shards(base.entries, max_shard_bytes)
     names = shard_names(len(plan))
