@@ -42,6 +42,18 @@ PARITY_PROMPTS = (
 )
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not ru_maxrss alone: Linux carries it across fork+exec, so a
+    stage started by a 1.4 GB process would report at least 1.4 GB (seen with bench/bench_merge.py)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # macOS: bytes; BSD: KiB
+
+
 def merge_base(stage: str, params: Params) -> Path:
     """The 16-bit weights the stage's adapter sits on."""
     if stage == "stage2" and params.sft_stage2.init == "merge_then_new_adapter":
@@ -243,7 +255,7 @@ def main() -> None:
         params_b=round(base.n_params / 1e9, 4),
         seconds=round(time.time() - t0, 1),
         size_mb=round(sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**20, 1),
-        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        peak_rss_mb=peak_rss_mb(),
     )
     write_json(f"metrics/merge-{stage}.json", metrics)
     with Tracker(params.mlflow, f"merge-{stage}", sec) as tr:
