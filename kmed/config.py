@@ -170,9 +170,43 @@ class MergeCfg(_Frozen):
     save_dtype: Literal["bf16", "fp16"] = "bf16"
     # A 4-bit QLoRA base is always merged into its dequantized 16-bit weights; false refuses.
     dequantize_4bit: bool = True
+    # Also bounds the merge's memory: one output shard is held before it is written.
     max_shard_size: str = "2GB"
     parity_max_abs: float = Field(0.05, gt=0)
     parity_max_kl: float = Field(1e-3, gt=0)
+    # Worst relative error |W'x - (Wx + s*B(Ax))| / |Wx + s*B(Ax)| over every merged module (fixed random
+    # probes, W' read back from the written file). The 16-bit cast alone costs up to 2^-8 (bf16) per weight.
+    probe_max_rel: float = Field(0.01, gt=0, lt=1)
+    # Full-model logits parity loads base+adapter in fp32 (~4 bytes/param): run it up to this many
+    # billion parameters, skip it (with a warning and metrics parity_skipped: 1) above.
+    parity_max_params_b: float = Field(2.0, ge=0)
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        size_bytes(v)
+        return v
+
+    @model_validator(mode="after")
+    def _probe_bound(self) -> MergeCfg:
+        floor = {"bf16": 2.0**-8, "fp16": 2.0**-11}[self.save_dtype]
+        if self.probe_max_rel < floor:
+            raise ValueError(
+                f"merge.probe_max_rel must be at least {floor:.3g}: the {self.save_dtype} cast alone "
+                "reaches that relative error"
+            )
+        return self
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def size_bytes(size: str) -> int:
+    """'2GB' -> 2e9, '500MiB' -> 500 * 2**20 (transformers' max_shard_size units, bytes only)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", str(size))
+    if not m or m.group(2).lower() not in _SIZE_UNITS or int(m.group(1)) < 1:
+        raise ValueError(f"{size!r} is not a size like 2GB, 500MB or 1GiB")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
 class EvaluateCfg(_Frozen):

@@ -18,12 +18,31 @@ def test_real_params_validate(path: Path) -> None:
     p = load_params(path)
     # The seed's LoRA and trainer values, verbatim, in every file.
     assert (p.lora.r, p.lora.lora_alpha, p.lora.lora_dropout) == (16, 16, 0.0)
-    assert set(p.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(p.lora.target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert (p.lora.bias, p.lora.use_gradient_checkpointing, p.lora.random_state) == ("none", "unsloth", 3407)
     assert (p.lora.use_rslora, p.lora.loftq_config) == (False, None)
     t = p.train
-    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.warmup_steps, t.max_steps) == (2, 4, 5, 60)
-    assert (t.learning_rate, t.weight_decay, t.lr_scheduler_type, t.seed, t.logging_steps) == (2e-4, 0.01, "linear", 3407, 10)
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.warmup_steps, t.max_steps) == (
+        2,
+        4,
+        5,
+        60,
+    )
+    assert (t.learning_rate, t.weight_decay, t.lr_scheduler_type, t.seed, t.logging_steps) == (
+        2e-4,
+        0.01,
+        "linear",
+        3407,
+        10,
+    )
 
 
 def test_recipe_is_the_32b_production_path() -> None:
@@ -54,6 +73,8 @@ def _write(tmp_path: Path, mutate) -> Path:  # noqa: ANN001
         (lambda r: r["model"].update(base="org/model", revision=None), "must pin a revision"),
         (lambda r: r["model"].update(trust_remote_code=True), "trust_remote_code is refused"),
         (lambda r: r["merge"].update(dequantize_4bit=False), "would merge into 4-bit"),
+        (lambda r: r["merge"].update(max_shard_size="2 potatoes"), "'merge.max_shard_size'"),
+        (lambda r: r["merge"].update(probe_max_rel=1e-4), "the bf16 cast alone"),
         (lambda r: r["data"]["stage1"]["sources"][0].pop("path"), "needs a path"),
     ],
 )
@@ -69,8 +90,12 @@ def test_bad_params_one_sentence(tmp_path: Path, mutate, needle: str) -> None:  
 
 def test_trust_remote_code_allowed_when_pinned_and_listed(tmp_path: Path) -> None:
     def mutate(r):  # noqa: ANN001, ANN202
-        r["model"].update(base="org/model", revision="abc123", trust_remote_code=True,
-                          trust_remote_code_allow=["org/model@abc123"])
+        r["model"].update(
+            base="org/model",
+            revision="abc123",
+            trust_remote_code=True,
+            trust_remote_code_allow=["org/model@abc123"],
+        )
 
     assert load_params(_write(tmp_path, mutate)).model.trust_remote_code
 
@@ -98,8 +123,11 @@ def _kmed_imports(path: Path) -> set[str]:
 
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
-            [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+        names = (
+            [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else ([a.name for a in node.names] if isinstance(node, ast.Import) else [])
+        )
         found |= {f"{n.replace('.', '/')}.py" for n in names if n.startswith("kmed.")}
     return found
 
