@@ -21,6 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from kmed.config import Params, load_params, resolved_dict
+from kmed.doctor import preflight
 from kmed.evaluation import (
     ANSWER_CUE,
     LETTERS,
@@ -141,6 +142,7 @@ def regression_table(per_model: dict[str, dict[str, float]]) -> str:
 def main() -> None:
     # Config.
     params = load_params()
+    preflight("evaluate", params)
     ec = params.evaluate
     sec = {"evaluate": resolved_dict(ec), "model.max_seq_length": params.model.max_seq_length}
     log.info("evaluate: resolved config %s", json.dumps(sec, ensure_ascii=False))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kmed.config import Params, load_params, resolved_dict
+from kmed.doctor import preflight
 from kmed.io import StageError, atomic_dir, lineage, run_stage, write_json
 from kmed.tracking import Tracker
 
@@ -67,6 +68,7 @@ def main() -> None:
 
     # Config.
     params = load_params()
+    preflight(f"merge@{stage}", params)
     mc = params.merge
     sec = {"merge": resolved_dict(mc), "model": resolved_dict(params.model), f"sft_{stage}": resolved_dict(params.sft(stage))}
     log.info("merge %s: resolved config %s", stage, json.dumps(sec, ensure_ascii=False))

@@ -17,6 +17,7 @@ from kmed.config import load_params
 from kmed.doctor import Arch, estimate, preflight
 from kmed.io import StageError
 from tests.reliability import kit
+from tests.stagekit import write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -309,3 +310,93 @@ def test_cli_prints_a_table_per_stage_and_exits_2_when_short(
     assert doctor.main(["merge"]) == 2
     out = capsys.readouterr().out
     assert "merge@stage1" in out and "merge@stage2" in out and "export" not in out and "SHORT" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# The real merge stage on a small filesystem
+# ---------------------------------------------------------------------------------------------
+def _tiny_adapter(base: Path, out: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(base)),
+        LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    model.save_pretrained(str(out))
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, shutil.disk_usage(disk).free - leave))
+    return filler
+
+
+@pytest.mark.integration
+def test_merge_on_a_small_disk_stops_before_touching_anything(tmp_path: Path, tiny_model_dir: Path) -> None:
+    with kit.tmpfs(tmp_path / "disk", "64m") as disk:
+        wd = disk / "wd"
+        shutil.copytree(tiny_model_dir, wd / "models/base")
+        _tiny_adapter(wd / "models/base", wd / "models/stage1/adapter")
+        write_params(wd, **{"mlflow.enabled": False})
+        (need,) = [
+            n for n in estimate("merge@stage1", load_params(wd / "params.yaml"), wd) if n.resource == "disk"
+        ]
+        merged = wd / "models/stage1/merged"
+
+        def refused() -> str:
+            proc = kit.stage(wd, "stages.merge", "stage1", check=False)
+            assert proc.returncode == 2, proc.stderr[-3000:]
+            (err,) = kit.error_lines(proc.stderr)
+            assert err.startswith(
+                f"merge@stage1 needs {doctor.size(need.need * 1.1)} free disk on {disk} for "
+                "models/stage1/merged but "
+            ), err
+            assert " short)" in err and err.endswith(".") and err.count(". ") == 0
+            assert not kit.siblings(merged) and not kit.siblings(
+                merged, "old"
+            )  # nothing written, not even a tmp
+            return err
+
+        # First run, the disk holds half of what the merged model needs: refused, nothing created.
+        filler = _fill(disk, need.need // 2)
+        refused()
+        assert not merged.exists() and not (wd / "metrics").exists()
+
+        # With room it runs, and the estimate was close to what it wrote.
+        filler.unlink()
+        kit.stage(wd, "stages.merge", "stage1")
+        written = doctor.folder_bytes(merged)
+        assert 0.9 < written / need.need < 1.1, (written, need.need)
+
+        # Rerun on a full disk: refused, the previous outputs byte-identical.
+        before = kit.digest(merged, wd / "metrics")
+        _fill(disk, need.need // 2)
+        refused()
+        assert kit.digest(merged, wd / "metrics") == before
+
+
+@pytest.mark.integration
+def test_sft_with_too_little_room_for_its_checkpoints_is_refused_up_front(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from tests.reliability.conftest import make_sft_workdir
+
+    wd = make_sft_workdir(tmp_path / "wd", tiny_model_dir)
+    ckroot = wd / "models/checkpoints"
+    with kit.tmpfs(ckroot, "2m"):  # the tokenizer alone is ~3.5 MB per checkpoint
+        proc = kit.stage(wd, "stages.sft", "stage1", check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        (err,) = kit.error_lines(proc.stderr)
+        assert (
+            err.startswith("sft-stage1 needs ")
+            and f"free disk on {ckroot} for models/checkpoints/stage1 but 2.1 MB is free (" in err
+        ), err
+        assert not list(ckroot.iterdir()) and not (wd / "models/stage1").exists()  # not even the FINGERPRINT
