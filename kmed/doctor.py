@@ -239,19 +239,13 @@ def dvc_cache(root: Path) -> tuple[list[str], Path] | None:
     """(cache link types, cache folder) from .dvc/config and .dvc/config.local; None outside a DVC repo."""
     if not (root / ".dvc").is_dir():
         return None
-    from configobj import ConfigObj  # DVC's own config parser
+    import configparser  # reads DVC's config files (configobj syntax) well enough for two keys
 
-    types, cdir = ["reflink", "copy"], root / ".dvc" / "cache"  # DVC's defaults
-    for name in ("config", "config.local"):
-        f = root / ".dvc" / name
-        if f.is_file():
-            sec = ConfigObj(str(f)).get("cache", {})
-            if sec.get("type"):
-                t = sec["type"]
-                types = [x.strip() for x in (t if isinstance(t, list) else t.split(",")) if x.strip()]
-            if sec.get("dir"):
-                cdir = (root / ".dvc" / sec["dir"]).resolve()
-    return types, cdir
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.read([root / ".dvc" / "config", root / ".dvc" / "config.local"])  # local overrides
+    types = cp.get("cache", "type", fallback="reflink,copy").strip("\"' ")  # DVC's default: reflink,copy
+    cdir = cp.get("cache", "dir", fallback="cache").strip("\"' ")
+    return [t.strip() for t in types.split(",") if t.strip()], (root / ".dvc" / cdir).resolve()
 
 
 def linked_and_copied(out: Path) -> tuple[int, int]:
