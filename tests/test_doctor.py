@@ -155,6 +155,32 @@ def test_sft_gpu_estimate_is_within_10_percent_of_the_measured_peak(
     assert est / 2**30 == pytest.approx(measured, rel=0.10)
 
 
+def test_gpu_branch_on_a_24_gb_card(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA path without a GPU here: the recipe (32B, 4-bit, 2048x2, 8-bit AdamW) fits a 24 GB card with
+    the default headroom, a 16 GB card is refused naming the GPU and the batch knob."""
+    root = _root(tmp_path, QWEN_32B, "recipes/r1-32b-medical-ko.yaml")
+    params = load_params(root / "params.yaml")
+    monkeypatch.setattr(doctor, "cuda_available", lambda: True)
+    monkeypatch.setattr(doctor, "mem_available", lambda: 10**12)
+    monkeypatch.setattr(doctor, "free_vram", lambda dev: int(23.5 * 2**30))  # an idle 24 GiB card (RTX 4090)
+    vram = _need(estimate("sft-stage1", params, root), "VRAM")
+    assert vram.where == "cuda:0" and vram.need == doctor.sft_gpu_bytes(Arch.from_config(QWEN_32B), params)
+    assert vram.short_by(params.doctor.headroom) == 0 and 21 < vram.need / 2**30 < 22
+    monkeypatch.setattr(doctor, "free_vram", lambda dev: 16 * 2**30)
+    with pytest.raises(
+        StageError,
+        match=r"^sft-stage1 needs 2\d\.\d GB free GPU memory on cuda:0 but 17\.2 GB is free "
+        r"\(\d\.\d GB short\).*lower train\.per_device_train_batch_size",
+    ):
+        preflight("sft-stage1", params, root)
+
+
+def test_free_vram_without_a_gpu_is_unknown() -> None:
+    if doctor.cuda_available():
+        pytest.skip("a GPU is here")
+    assert doctor.free_vram(0) is None
+
+
 def test_cpu_estimates_cover_fp32_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = _root(tmp_path, QWEN_7B)
     params = load_params(root / "params.yaml")
