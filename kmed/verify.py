@@ -125,7 +125,8 @@ def check_workspace_file(rep: Report, path: Path, md5: str, out: str) -> None:
     if got != md5:
         rep.add(
             f"workspace file {rep.rel(path)} differs from dvc.lock (md5 {got}, expected {md5}): it was "
-            f"modified or corrupted; `dvc checkout -f {out}` restores the recorded version."
+            f"modified or corrupted; delete it and run `dvc checkout {out}` to restore the recorded version "
+            "(`dvc checkout -f` alone trusts the file's unchanged mtime and keeps it)."
         )
 
 

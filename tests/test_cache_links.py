@@ -276,6 +276,12 @@ def test_large_output_is_stored_once_and_survives_rerun_checkout_push_pull(
     assert f"CORRUPT: cache object .dvc/cache/files/md5/{o.parent.name}/{o.name} of " in v.stdout
     assert f"CORRUPT: workspace file {OUT}/{victim['relpath']} differs from dvc.lock" in v.stdout
     assert v.stdout.splitlines()[-1].endswith("2 problem(s).")
+    # The repair kmed.verify advises: delete the object and the workspace file, then pull.
+    o.unlink()
+    (toy.path / OUT / victim["relpath"]).unlink()
+    toy.dvc("pull")
+    assert kit.verify(toy.path, "--all-cache").returncode == 0
+    _assert_linked(toy)
 
 
 @pytest.mark.integration
