@@ -23,7 +23,7 @@ t = per_device_train_batch_size × model.max_seq_length tokens, o optimizer byte
                      + 2·t·V             logits
                 Fitted to the stage's peaks in bench/RESULTS.md (1.5B-32B, Unsloth, -6%..+4%;
                 tests/test_doctor.py); RAM 2 GB + the largest base shard + 2·L·t·h (Unsloth's
-                checkpointing keeps layer inputs in host RAM).
+                checkpointing keeps layer inputs in host RAM), per process on the host under DDP.
   sft    CPU    RAM  (2|4)·P + (8 + o)·A + (2|4)·(6h + 2I)·t·L + 4·t·V + 1 GB  (bf16 or fp32; no 4-bit and
                 no checkpointing on the CPU)
   sft    disk   models/<stage>/adapter 4·A + tok; models/checkpoints/<stage> min(save_total_limit + 1,
@@ -345,14 +345,16 @@ def sft_needs(stage: str, params: Params, arch: Arch, root: Path, planning: bool
         )
         shard = max((p.stat().st_size for p in (root / "models/base").glob("*.safetensors")), default=5 * GB)
         offload = 2 * arch.layers * bs * seq * arch.h if gc == "unsloth" else 0
+        procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # DDP ranks on this host share its RAM
         needs.append(
             Need(
                 "RAM",
                 "host",
                 "loading shard, offloaded activations",
-                2 * BASE_RAM + shard + offload,
+                (2 * BASE_RAM + shard + offload) * procs,
                 mem_available(),
-                "2 GB + largest base shard + 2·L·t·h (Unsloth's checkpointing offload)",
+                "2 GB + largest base shard + 2·L·t·h (Unsloth's checkpointing offload)"
+                + (f", × {procs} processes on this host" if procs > 1 else ""),
             )
         )
     else:

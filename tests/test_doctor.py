@@ -166,6 +166,10 @@ def test_gpu_branch_on_a_24_gb_card(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     vram = _need(estimate("sft-stage1", params, root), "VRAM")
     assert vram.where == "cuda:0" and vram.need == doctor.sft_gpu_bytes(Arch.from_config(QWEN_32B), params)
     assert vram.short_by(params.doctor.headroom) == 0 and 21 < vram.need / 2**30 < 22
+    ram = _need(estimate("sft-stage1", params, root), "RAM").need
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two DDP ranks on this host share its RAM
+    assert _need(estimate("sft-stage1", params, root), "RAM").need == 2 * ram
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr(doctor, "free_vram", lambda dev: 16 * 2**30)
     with pytest.raises(
         StageError,
