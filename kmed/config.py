@@ -261,6 +261,14 @@ class MlflowCfg(_Frozen):
     experiment: str = "kmed-r1"
 
 
+class DoctorCfg(_Frozen):
+    # Pre-flight check at the start of sft/merge/evaluate/export (kmed/doctor.py): fail stops the stage
+    # (exit 2) when the estimated disk/RAM/VRAM need exceeds what is free; warn logs it and goes on.
+    mode: Literal["fail", "warn", "off"] = "fail"
+    # Multiplier on every estimate before it is compared with what is free (the estimates are approximate).
+    headroom: float = Field(1.1, ge=1.0, le=10.0)
+
+
 class Params(_Frozen):
     model: ModelCfg = ModelCfg()
     lora: LoraCfg = LoraCfg()
@@ -272,6 +280,7 @@ class Params(_Frozen):
     evaluate: EvaluateCfg = EvaluateCfg()
     export: ExportCfg = ExportCfg()
     mlflow: MlflowCfg = MlflowCfg()
+    doctor: DoctorCfg = DoctorCfg()
 
     @model_validator(mode="after")
     def _cross(self) -> Params:

@@ -125,30 +125,33 @@ def check_workspace_file(rep: Report, path: Path, md5: str, out: str) -> None:
     if got != md5:
         rep.add(
             f"workspace file {rep.rel(path)} differs from dvc.lock (md5 {got}, expected {md5}): it was "
-            f"modified or corrupted; `dvc checkout -f {out}` restores the recorded version."
+            f"modified or corrupted; delete it and run `dvc checkout {out}` to restore the recorded version "
+            "(`dvc checkout -f` alone trusts the file's unchanged mtime and keeps it)."
         )
 
 
-def tracked_outputs(root: Path) -> list[tuple[str, str, bool, Path]]:
-    """(name, md5 or md5.dir, cached, workspace path) of every output with a recorded hash."""
+def tracked_outputs(root: Path) -> tuple[list[tuple[str, str, bool, Path]], Path]:
+    """(name, md5 or md5.dir, cached, workspace path) of every output with a recorded hash, and the
+    cache's object folder (`.dvc/cache/files/md5`, or under `cache.dir` when the cache was moved)."""
     from dvc.repo import Repo
 
     outs = []
     with Repo(str(root)) as repo:
+        cache = Path(repo.cache.local.path)
         for stage in repo.index.stages:
             for out in stage.outs:
                 hi = out.hash_info
                 if not hi or not hi.value or hi.name not in ("md5", "md5-dos2unix"):
                     continue
                 outs.append((out.def_path, hi.value, bool(out.use_cache), Path(out.fs_path)))
-    return outs
+    return outs, cache
 
 
 def verify(root: Path, workspace: bool = True, cache_check: bool = True, all_cache: bool = False) -> Report:
     root = root.resolve()
     rep = Report(root)
-    cache = root / ".dvc" / "cache" / "files" / "md5"
-    for name, md5, cached, path in tracked_outputs(root):
+    outs, cache = tracked_outputs(root)
+    for name, md5, cached, path in outs:
         if workspace and not path.exists():
             rep.add(f"workspace output {name!r} is missing; run `dvc checkout {name}` (or `dvc pull`).")
             workspace_here = False

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kmed.config import Params, load_params, resolved_dict
+from kmed.doctor import preflight
 from kmed.evaluation import (
     ANSWER_CUE,
     LETTERS,
@@ -188,6 +189,7 @@ def regression_table(per_model: dict[str, dict[str, float]], mcq: list[dict[str,
 def main() -> None:
     # Config.
     params = load_params()
+    preflight("evaluate", params)
     ec = params.evaluate
     sec = {"evaluate": resolved_dict(ec), "model.max_seq_length": params.model.max_seq_length}
     log.info("evaluate: resolved config %s", json.dumps(sec, ensure_ascii=False))

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from kmed.config import Params, flat, load_params, resolved_dict
+from kmed.doctor import preflight
 from kmed.io import StageError, atomic_dir, git_revision, read_jsonl, run_stage, write_json, write_text_atomic
 from kmed.tracking import Tracker
 
@@ -115,6 +116,7 @@ def modelfile(gguf_name: str, system: str, eos: str) -> str:
 def main() -> None:
     # Config.
     params = load_params()
+    preflight("export", params)
     ec = params.export
     sec = {"export": resolved_dict(ec), "data.system_prompt": params.data.system_prompt}
     log.info("export: resolved config %s", json.dumps(sec, ensure_ascii=False))

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kmed.config import Params, load_params, resolved_dict
+from kmed.doctor import preflight
 from kmed.io import StageError, atomic_dir, lineage, run_stage, write_json
 from kmed.tracking import Tracker
 
@@ -136,6 +137,7 @@ def main() -> None:
 
     # Config.
     params = load_params()
+    preflight(f"merge@{stage}", params)
     mc = params.merge
     trust = params.model.trust_remote_code
     sec = {

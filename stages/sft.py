@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kmed.config import Params, load_params, resolved_dict
+from kmed.doctor import preflight
 from kmed.io import (
     StageError,
     atomic_dir,
@@ -420,6 +421,7 @@ def main() -> None:
 
     # Config: validate, resolve backend and precision, log it all first.
     params = load_params()
+    preflight(f"sft-{stage}", params)
     scfg = params.sft(stage)
     backend = choose_backend(params.model.backend)
     if backend == "unsloth":
