@@ -73,7 +73,9 @@ def cmd_prepare(a: argparse.Namespace) -> None:
         shutil.rmtree(base)
     base.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    res = build(SHAPES[a.shape], base, rms_norm_eps=RMS_NORM_EPS.get(a.shape, 1e-6))
+    ntok = len(json.loads((assets / "tokenizer.json").read_text())["model"]["vocab"])
+    shape = dict(SHAPES[a.shape], vocab_size=max(SHAPES[a.shape].get("vocab_size") or 0, ntok))
+    res = build(shape, base, rms_norm_eps=RMS_NORM_EPS.get(a.shape, 1e-6))
     for f in TOKENIZER_FILES:
         shutil.copy(assets / f, base / f)
     tcfg = json.loads((assets / "tokenizer_config.json").read_text())

@@ -310,7 +310,6 @@ def test_tokens_never_reach_mlflow_lock_params_logs_card_checkpoints_or_git(
     shutil.copytree(pipeline_repo_session.path, repo.path, symlinks=True)
     repo.params(
         **{
-            "model.max_seq_length": 128,
             "sft_stage1.max_steps": 2,
             "train.save_steps": 1,
             "train.save_total_limit": 2,
