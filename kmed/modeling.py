@@ -323,7 +323,9 @@ def load_for_inference(folder: str | Path, trust_remote_code: bool = False) -> t
     need = weights * (0.5 if _saved_fp32(folder) else 1.0) * 1.25
     kw: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code,
                           "attn_implementation": "sdpa", "device_map": {"": torch.cuda.current_device()}}
-    if need > free:
+    if _prequantized(folder):  # e.g. the recipe's unsloth/...-bnb-4bit base: loads 4-bit as saved
+        notes["load_4bit"] = 1
+    elif need > free:
         from transformers import BitsAndBytesConfig
 
         kw["quantization_config"] = BitsAndBytesConfig(
@@ -335,6 +337,12 @@ def load_for_inference(folder: str | Path, trust_remote_code: bool = False) -> t
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kw)
     notes["on_gpu"] = 1
     return model, notes
+
+
+def _prequantized(folder: str | Path) -> bool:
+    import json
+
+    return "quantization_config" in json.loads((Path(folder) / "config.json").read_text())
 
 
 def _saved_fp32(folder: str | Path) -> bool:

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Issue 16's proof on the GPU machine (device tool), one phase per call so each fits its 10-minute limit.
+# Everything lives under build/ (git-ignored), which the device keeps between calls while it is warm.
+#   bash bench/gpu_proof.sh setup pipe7b  # wheels into build/site; llama-cpp-python built with CUDA (detached);
+#                                        # random-weight Qwen2.5-7B (NF4 base): sft-stage1 .. merge@stage2
+#   bash bench/gpu_proof.sh export7b      # evaluate, then export (f16 + q4_k_m GGUF, llama.cpp on the GPU)
+#   bash bench/gpu_proof.sh merge14b   # Qwen2.5-14B: sft-stage1 (1 step) then merge@stage1 alone (memory flat in size)
+#   bash bench/gpu_proof.sh eval32b    # Qwen2.5-32B NF4 base as all three models of evaluate, capped to 24 GB
+# Carry [".whl", ".gpu_carry"] (.whl from ../shared/gpu/wheels.sh; .gpu_carry: the SmolLM2 tokenizer files,
+# ids.json, processed/ = data/processed, and the slimmed llama_cpp_python sdist). Results: $OUT/*.jsonl, logs.
+set -uo pipefail
+B=$PWD/build
+OUT=${OUT:-$B/out}
+mkdir -p "$B" "$OUT"
+export PYTHONPATH=$PWD:$B/site:$B/lcp HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1
+PY=python3
+stages() {  # work shape results stage...
+  local work=$1 shape=$2 res=$3; shift 3
+  for s in "$@"; do $PY bench/gpu_pipeline.py stages --work "$work" --shape "$shape" --only "$s" --results "$res" || return 1; done
+}
+for phase in "$@"; do
+case "$phase" in
+setup)
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$B/site" .whl/*.whl
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+  free -g | tee -a "$OUT/gpu.txt"; df -h "$B" | tee -a "$OUT/gpu.txt"; nproc | tee -a "$OUT/gpu.txt"
+  rm -rf "$B/lcp-src" && mkdir -p "$B/lcp-src" && tar xzf .gpu_carry/llama_cpp_python-*.tar.gz -C "$B/lcp-src"
+  cd "$B"/lcp-src/llama_cpp_python-* && setsid nohup bash -c 't0=$(date +%s);
+    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    python3 -m pip install --no-build-isolation --no-deps --no-index --target '"$B/lcp"' . ; \
+    echo "rc=$? secs=$(( $(date +%s) - t0 ))" > '"$B/lcp-build.rc" > "$B/lcp-build.log" 2>&1 < /dev/null &
+  cd - > /dev/null; echo "llama-cpp-python CUDA build started, detached"
+  ;;
+pipe7b)
+  $PY bench/gpu_pipeline.py prepare --shape 7b --work "$B/p7" --assets .gpu_carry --steps 3 | tee -a "$OUT/pipe7b.jsonl"
+  stages "$B/p7" 7b "$OUT/pipe7b.jsonl" sft-stage1 merge@stage1 sft-stage2 merge@stage2
+  ;;
+export7b)
+  stages "$B/p7" 7b "$OUT/pipe7b.jsonl" evaluate
+  while [ ! -f "$B/lcp-build.rc" ]; do sleep 5; done; cat "$B/lcp-build.rc"; tail -5 "$B/lcp-build.log"
+  cp "$B/lcp-build.log" "$OUT/" ; cat "$B/lcp-build.rc" > "$OUT/lcp-build.rc"
+  $PY -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'gpu offload:', llama_cpp.llama_supports_gpu_offload())" | tee "$OUT/lcp.txt"
+  stages "$B/p7" 7b "$OUT/pipe7b.jsonl" export
+  ;;
+merge14b)
+  rm -rf "$B/p7/models/export" "$B/p7/models/stage1" "$B/p7/models/stage2"  # disk for the 14B run
+  $PY bench/gpu_pipeline.py prepare --shape 14b --work "$B/p14" --assets .gpu_carry --steps 1 | tee -a "$OUT/merge14b.jsonl"
+  stages "$B/p14" 14b "$OUT/merge14b.jsonl" sft-stage1 merge@stage1
+  ;;
+eval32b)
+  rm -rf "$B/p7" "$B/p14"
+  $PY bench/gpu_pipeline.py prepare --shape 32b --work "$B/p32" --assets .gpu_carry --steps 1 | tee -a "$OUT/eval32b.jsonl"
+  mkdir -p "$B/p32/models/stage1" "$B/p32/models/stage2"
+  ln -sfn ../base "$B/p32/models/stage1/merged"; ln -sfn ../base "$B/p32/models/stage2/merged"
+  KMED_GPU_MEM_GB=24 stages "$B/p32" 32b "$OUT/eval32b.jsonl" evaluate
+  ;;
+*) echo "unknown phase $phase"; exit 2 ;;
+esac
+done
+for f in "$B"/p*/logs/*.log; do [ -f "$f" ] && cp "$f" "$OUT/$(basename "$(dirname "$(dirname "$f")")")-$(basename "$f")"; done
+exit 0
