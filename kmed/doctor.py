@@ -29,10 +29,26 @@ t = per_device_train_batch_size × model.max_seq_length tokens, o optimizer byte
   sft    disk   models/<stage>/adapter 4·A + tok; models/checkpoints/<stage> min(save_total_limit + 1,
                 saves)·((4 + o)·A + tok + 1 MB), less what is there already
   merge         RAM merge.max_shard_size + adapter + 1 GB (the streaming merge); disk 2·P + tok
-  evaluate      RAM 4·P + 4·V·batch_size·(max_seq_length + max_new_tokens) + 1 GB (fp32 on the CPU)
+  evaluate CPU  RAM  4·P + 4·V·b·(max_seq_length + max_new_tokens) + 1 GB (fp32), b = evaluate.batch_size
+  evaluate GPU  VRAM 0.52·(P-E) + 2·E    NF4 weights, 16-bit embeddings: the fallback of
+                                         kmed.modeling.load_for_inference (bf16 when 1.25 × the checkpoint
+                                         fits), so only a model that does not fit even in 4-bit is refused
+                     + kv·b·n            KV cache, kv = 2·L·kv_heads·head_dim·2 bytes a token,
+                                         n = max_seq_length + max_new_tokens
+                     + 4·V·max(b, 1024)  fp32 logits: a batch's last positions, or kmed.lm.masked_loss's
+                                         1024-row chunk
+                RAM 1 GB + the largest shard: models/base's (5 GB before prepare-base) or merge.max_shard_size
+  export GPU    VRAM as evaluate GPU with b = 1, n = max(max_seq_length + parity_tokens, check_max_tokens) and
+                4·V·check_max_tokens logits (the merged model as the parity reference, placed by
+                load_for_inference; it is freed before llama.cpp opens a GGUF, which offloads only the layers
+                that fit: kmed.ggufio.gpu_offload); RAM 1 GB + the largest shard
+  export CPU    RAM 4·P + 1 GB (the merged model in fp32 as the parity reference; llama.cpp's conversion and
+                each GGUF it opens need less)
   export        disk 2·P (f16 GGUF, always written first) + Σ bytes/param of each quantization·P
-                (q8_0 1.07, q6_k 0.82, q5_k_m 0.71, q4_k_m 0.6); RAM 4·P + 1 GB (the merged model in fp32
-                as the parity reference; llama.cpp's conversion and each GGUF it opens need less)
+                (q8_0 1.07, q6_k 0.82, q5_k_m 0.71, q4_k_m 0.6)
+
+GPU memory free is asked of cuda:LOCAL_RANK (sft) or cuda:0 (evaluate, export) and capped by KMED_GPU_MEM_GB
+(GiB), as kmed.modeling.load_for_inference caps it.
 
 DVC commit (`dvc repro` stores a cached output in .dvc/cache): free when the cache type list starts with
 `hardlink` and the cache is on the output's filesystem (.dvc/config); otherwise the output's size again,
@@ -67,6 +83,7 @@ GB = 10**9
 GGUF_BYTES = {"f16": 2.0, "bf16": 2.0, "q8_0": 1.07, "q6_k": 0.82, "q5_k_m": 0.71, "q4_k_m": 0.6}
 NF4_BYTES = 0.52  # 4-bit NF4 weight + its double-quantized scales (bitsandbytes, Unsloth)
 BASE_RAM = 1 * GB  # interpreter, torch, tokenizer, data
+LOSS_CHUNK = 1024  # label positions kmed.lm.masked_loss projects onto the vocabulary at a time
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
@@ -208,16 +225,19 @@ def cuda_available() -> bool:
 
 
 def free_vram(device: int) -> int | None:
-    """Free memory of a GPU, asked in a child process: initialising CUDA here would fix the caching
-    allocator's settings before the stage's libraries set theirs (Unsloth sets expandable_segments)."""
+    """Free memory of a GPU (at most KMED_GPU_MEM_GB GiB when set), asked in a child process: initialising
+    CUDA here would fix the caching allocator's settings before the stage's libraries set theirs (Unsloth
+    sets expandable_segments)."""
     code = "import sys, torch; print(torch.cuda.mem_get_info(int(sys.argv[1]))[0])"
     try:
         out = subprocess.run(
             [sys.executable, "-c", code, str(device)], capture_output=True, text=True, timeout=120
         )
-        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+        free = int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
     except (OSError, ValueError, IndexError, subprocess.SubprocessError):
         return None
+    cap = os.environ.get("KMED_GPU_MEM_GB")  # the GPU memory load_for_inference plans for, when set
+    return min(free, int(float(cap) * 2**30)) if free is not None and cap else free
 
 
 def device_has_bf16(cuda: bool) -> bool:
@@ -301,6 +321,11 @@ class Need:
         return max(0, math.ceil(self.need * headroom) - self.have)
 
 
+def base_shard(root: Path) -> int:
+    """The largest safetensors shard of models/base (5 GB, a Hub model's usual shard, before prepare-base)."""
+    return max((p.stat().st_size for p in (root / "models/base").glob("*.safetensors")), default=5 * GB)
+
+
 def opt_bytes(params: Params) -> int:
     return 2 if "8bit" in params.train.optim else 8
 
@@ -343,7 +368,7 @@ def sft_needs(stage: str, params: Params, arch: Arch, root: Path, planning: bool
                 f"{wtxt} + (8+{o})·A + 2·(6h+2I)·t·{1 if gc else 'L'} + 2·t·V at {bs}×{seq}",
             )
         )
-        shard = max((p.stat().st_size for p in (root / "models/base").glob("*.safetensors")), default=5 * GB)
+        shard = base_shard(root)
         offload = 2 * arch.layers * bs * seq * arch.h if gc == "unsloth" else 0
         procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # DDP ranks on this host share its RAM
         needs.append(
@@ -405,9 +430,50 @@ def merge_needs(stage: str, params: Params, arch: Arch, root: Path, planning: bo
     return needs + disk_needs(disk, root, "2·P (16-bit safetensors) + tokenizer")
 
 
-def evaluate_needs(params: Params, arch: Arch) -> list[Need]:
+def kv_bytes(arch: Arch) -> int:
+    """KV cache of one token: K and V of every layer, 16-bit."""
+    return 2 * arch.layers * arch.kv_heads * arch.head_dim * 2
+
+
+def infer_gpu_bytes(arch: Arch, batch: int, tokens: int, logit_rows: int) -> int:
+    """VRAM of a model placed by load_for_inference in its 4-bit fallback (bf16 only when that fits with
+    25 % to spare): NF4 weights, 16-bit embeddings, the KV cache of batch×tokens, fp32 logits."""
+    P, E = arch.param_count(), arch.embedding_params
+    return int(NF4_BYTES * (P - E) + 2 * E + kv_bytes(arch) * batch * tokens + 4 * arch.vocab * logit_rows)
+
+
+def infer_gpu_needs(params: Params, arch: Arch, root: Path, batch: int, tokens: int, logit_rows: int,
+                    what: str) -> list[Need]:
+    """VRAM on cuda:0 and host RAM of a stage that loads models with load_for_inference on the GPU."""
+    shard = max(base_shard(root), parse_size(params.merge.max_shard_size))
+    return [
+        Need(
+            "VRAM",
+            "cuda:0",
+            what,
+            infer_gpu_bytes(arch, batch, tokens, logit_rows),
+            free_vram(0),
+            f"{NF4_BYTES}·(P-E) + 2·E (nf4; bf16 when 2·P·1.25 fits) + kv·{batch}·{tokens} "
+            f"(kv = 2·L·kv_heads·head_dim·2) + 4·V·{logit_rows} logits",
+        ),
+        Need(
+            "RAM",
+            "host",
+            "loading shard",
+            BASE_RAM + shard,
+            mem_available(),
+            "1 GB + largest shard (the weights go to the GPU)",
+        ),
+    ]
+
+
+def evaluate_needs(params: Params, arch: Arch, root: Path, cuda: bool) -> list[Need]:
     P, ec = arch.param_count(), params.evaluate
-    act = ec.batch_size * (params.model.max_seq_length + ec.max_new_tokens) * arch.vocab * 4
+    n = params.model.max_seq_length + ec.max_new_tokens
+    if cuda:
+        rows, what = max(ec.batch_size, LOSS_CHUNK), "one model at a time, KV cache, logits"
+        return infer_gpu_needs(params, arch, root, ec.batch_size, n, rows, what)
+    act = ec.batch_size * n * arch.vocab * 4
     return [
         Need(
             "RAM",
@@ -420,24 +486,30 @@ def evaluate_needs(params: Params, arch: Arch) -> list[Need]:
     ]
 
 
-def export_needs(params: Params, arch: Arch, root: Path, planning: bool) -> list[Need]:
-    P = arch.param_count()
-    quants = [q for q in params.export.quantizations if q != "f16"]
+def export_needs(params: Params, arch: Arch, root: Path, planning: bool, cuda: bool) -> list[Need]:
+    P, ec = arch.param_count(), params.export
+    quants = [q for q in ec.quantizations if q != "f16"]
     peak = int(P * (GGUF_BYTES["f16"] + sum(GGUF_BYTES[q] for q in quants)))  # f16 is written first, always
-    kept = peak if "f16" in params.export.quantizations else peak - int(2 * P)
+    kept = peak if "f16" in ec.quantizations else peak - int(2 * P)
     disk = output_disk(root, "models/export", kept, planning=planning)
     disk[0] = (disk[0][0], disk[0][1] + (peak - kept))
     how = "2·P f16 + " + " + ".join(f"{GGUF_BYTES[q]}·P {q}" for q in quants) if quants else "2·P f16"
-    return [
-        Need(
-            "RAM",
-            "host",
-            "merged model in fp32 (parity reference)",
-            4 * P + BASE_RAM,
-            mem_available(),
-            "4·P + 1 GB (llama.cpp's conversion and each GGUF need less)",
-        )
-    ] + disk_needs(disk, root, how)
+    if cuda:
+        n = max(params.model.max_seq_length + ec.parity_tokens, ec.check_max_tokens)
+        what = "merged model (parity reference)"
+        mem = infer_gpu_needs(params, arch, root, 1, n, ec.check_max_tokens, what)
+    else:
+        mem = [
+            Need(
+                "RAM",
+                "host",
+                "merged model in fp32 (parity reference)",
+                4 * P + BASE_RAM,
+                mem_available(),
+                "4·P + 1 GB (llama.cpp's conversion and each GGUF need less)",
+            )
+        ]
+    return mem + disk_needs(disk, root, how)
 
 
 def disk_needs(parts: list[tuple[Path, int]], root: Path, how: str) -> list[Need]:
@@ -482,8 +554,8 @@ def estimate(stage: str, params: Params, root: Path = Path("."), planning: bool 
     if stage.startswith("merge@"):
         return merge_needs(stage.removeprefix("merge@"), params, arch, root, planning)
     if stage == "evaluate":
-        return evaluate_needs(params, arch)
-    return export_needs(params, arch, root, planning)
+        return evaluate_needs(params, arch, root, cuda_available())
+    return export_needs(params, arch, root, planning, cuda_available())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,7 +575,9 @@ def clause(n: Need, headroom: float) -> str:
 
 
 def shortfall_sentence(stage: str, short: list[Need], headroom: float) -> str:
-    fix = {"disk": "free disk space", "RAM": "free memory", "VRAM": "lower train.per_device_train_batch_size"}
+    vram = {"evaluate": "lower evaluate.batch_size", "export": "free GPU memory"}
+    fix = {"disk": "free disk space", "RAM": "free memory",
+           "VRAM": vram.get(stage, "lower train.per_device_train_batch_size")}
     fixes = " or ".join(dict.fromkeys(fix[n.resource] for n in short))
     return (
         f"{stage} needs {' and '.join(clause(n, headroom) for n in short)} (estimates × doctor.headroom "

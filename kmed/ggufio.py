@@ -144,15 +144,84 @@ def cpu_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def gpu_offload() -> int:
-    """n_gpu_layers for llama.cpp: every layer (-1) when llama-cpp-python was built with a GPU backend
-    (CMAKE_ARGS="-DGGML_CUDA=on") and a GPU is there, else 0 (CPU)."""
+GGUF_RESERVE = 1.5 * 2**30  # llama.cpp's CUDA context and compute buffers, beside the offloaded layers
+
+
+def gpu_backend() -> bool:
+    """Whether llama-cpp-python was built with a GPU backend (CMAKE_ARGS="-DGGML_CUDA=on")."""
     import llama_cpp
 
     try:
-        return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+        return bool(llama_cpp.llama_supports_gpu_offload())
     except AttributeError:  # very old bindings
+        return False
+
+
+def free_gpu_bytes() -> int | None:
+    """Free memory of the current CUDA device as torch sees it (at most KMED_GPU_MEM_GB GiB when set, as
+    kmed.modeling.load_for_inference plans); None without torch or CUDA."""
+    import os
+
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    cap = os.environ.get("KMED_GPU_MEM_GB")
+    if cap:
+        free = min(free, int(float(cap) * 2**30) - torch.cuda.memory_reserved())
+    return max(0, int(free))
+
+
+def gguf_layers(path: Path) -> tuple[int, int]:
+    """(decoder blocks, f16 KV-cache bytes a token) of a GGUF, from `<arch>.block_count` (else the blk.N
+    tensors) and the attention keys (else 256 KiB, a 32B Qwen2's)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    arch = r.fields["general.architecture"].contents() if "general.architecture" in r.fields else ""
+    meta: dict[str, int | None] = {}
+    for key in ("block_count", "embedding_length", "attention.head_count", "attention.head_count_kv",
+                "attention.key_length"):
+        f = r.fields.get(f"{arch}.{key}")
+        v = f.contents() if f is not None else None
+        if isinstance(v, list):  # a value per layer (some architectures): the largest
+            v = max(v, default=None)
+        meta[key] = None if v is None else int(v)
+    blocks = meta["block_count"] or 1 + max(
+        (int(t.name.split(".")[1]) for t in r.tensors if t.name.startswith("blk.")), default=0
+    )
+    heads, width = meta["attention.head_count"], meta["embedding_length"]
+    head_dim = meta["attention.key_length"] or (width // heads if width and heads else 0)
+    kv = 2 * blocks * (meta["attention.head_count_kv"] or heads or 0) * head_dim * 2
+    return blocks, kv or 256 * 1024
+
+
+def offload_layers(file_bytes: int, n_layers: int, free_bytes: int, reserve_bytes: int) -> int:
+    """n_gpu_layers for a GGUF of `file_bytes` with `n_layers` blocks and `free_bytes` of GPU memory, of which
+    `reserve_bytes` stay for llama.cpp's buffers and KV cache: -1 (all) when the whole file fits, else as many
+    blocks as fit, each file_bytes / (n_layers + 1) (the embeddings and output head count as one more), 0 when
+    none does."""
+    room = free_bytes - reserve_bytes
+    if room >= file_bytes:
+        return -1
+    per_layer = file_bytes / (n_layers + 1)
+    return max(0, min(n_layers, int(room // per_layer)))
+
+
+def gpu_offload(path: Path, n_ctx: int = 1024) -> int:
+    """n_gpu_layers for opening the GGUF at `path` with llama.cpp: 0 without a GPU backend; else the blocks
+    that fit the free GPU memory after GGUF_RESERVE and the KV cache of n_ctx tokens (-1: all of them;
+    also -1 when the free memory is unknown, e.g. torch without CUDA)."""
+    if not gpu_backend():
         return 0
+    free = free_gpu_bytes()
+    if free is None:
+        return -1
+    blocks, kv = gguf_layers(path)
+    return offload_layers(path.stat().st_size, blocks, free, int(GGUF_RESERVE + kv * n_ctx))
 
 
 def open_gguf(path: Path, n_ctx: int = 1024, logits_all: bool = False, n_threads: int = 2,

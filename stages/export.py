@@ -11,6 +11,7 @@ Ollama Modelfile) atomically and metrics/export.json.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -133,6 +134,7 @@ def main() -> None:
         cpu_threads,
         forced_agreement,
         gguf_ppl,
+        gpu_backend,
         gpu_offload,
         greedy_ids,
         hf_ppl,
@@ -155,20 +157,26 @@ def main() -> None:
     with autocast_context(hf):
         ref = [g["ids"] for g in greedy_generate(hf, tok, prompts, ec.parity_tokens, batch_size=1)]
         ppl_hf = hf_ppl(hf, texts)
+    # The reference leaves the GPU before llama.cpp opens any GGUF there (gpu_offload sizes each GGUF's
+    # offload by the memory free then); gc first: accelerate's hooks can keep a model alive in a cycle.
     del hf
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    threads, n_gpu = cpu_threads(), gpu_offload()
+    threads, backend = cpu_threads(), gpu_backend()
     metrics: dict[str, Any] = {"hf.ppl": ppl_hf, "hf.on_gpu": placed["on_gpu"], "hf.load_4bit": placed["load_4bit"],
-                               "threads": threads, "gguf_gpu_offload": int(n_gpu != 0)}
-    log.info("llama.cpp: %d threads, %s", threads, "all layers on the GPU" if n_gpu else "CPU only")
+                               "threads": threads, "gguf_gpu_offload": int(backend)}
+    log.info("llama.cpp: %d threads, %s", threads, "GPU offload" if backend else "CPU only")
     files: dict[str, dict[str, Any]] = {}
 
     def verify(q: str, path: Path, base_ppl: float | None) -> float:
         """Metadata, greedy agreement, perplexity and a chat completion of one GGUF; fails below params."""
         meta = read_meta(path)
         check_meta(meta, tok, path.name)
+        n_gpu = gpu_offload(path)  # per file: a 32B f16 GGUF (65 GB) may fit only in part, its q4_k_m whole
+        metrics[f"{q}.gpu_layers"] = n_gpu
+        log.info("%s: n_gpu_layers %d (-1: all)", path.name, n_gpu)
         llm = open_gguf(path, logits_all=True, n_threads=threads, n_gpu_layers=n_gpu)
         try:
             pids = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -177,6 +179,71 @@ def test_gpu_branch_on_a_24_gb_card(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         r"\(\d\.\d GB short\).*lower train\.per_device_train_batch_size",
     ):
         preflight("sft-stage1", params, root)
+
+
+def _cuda(monkeypatch: pytest.MonkeyPatch, free_gib: float) -> None:
+    monkeypatch.setattr(doctor, "cuda_available", lambda: True)
+    monkeypatch.setattr(doctor, "mem_available", lambda: 10**12)
+    monkeypatch.setattr(doctor, "free_vram", lambda dev: int(free_gib * 2**30))
+
+
+def test_evaluate_and_export_gpu_branch_on_a_24_gb_card(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """32B at evaluate.batch_size 2 fits an idle 24 GiB card in nf4 (load_for_inference's fallback), with the
+    KV cache of 2 x (2048 + 1024) tokens; host RAM holds one shard, not the model."""
+    root = _root(tmp_path, QWEN_32B, "recipes/r1-32b-medical-ko.yaml", **{"evaluate.batch_size": 2})
+    params = load_params(root / "params.yaml")
+    arch = Arch.from_config(QWEN_32B)
+    _cuda(monkeypatch, 23.5)
+    ev = estimate("evaluate", params, root)
+    vram, ram = _need(ev, "VRAM"), _need(ev, "RAM")
+    assert vram.where == "cuda:0" and vram.need == doctor.infer_gpu_bytes(arch, 2, 2048 + 1024, 1024)
+    assert doctor.kv_bytes(arch) == 2 * 64 * 8 * 128 * 2  # 256 KiB a token
+    assert vram.short_by(params.doctor.headroom) == 0 and 19 < vram.need / 2**30 < 21
+    assert ram.need == doctor.BASE_RAM + 5 * doctor.GB  # no shard in models/base yet: a Hub model's 5 GB
+    preflight("evaluate", params, root)
+    # Export: the parity reference at batch 1 needs less than evaluate; RAM no longer 4·P.
+    ex = estimate("export", params, root)
+    assert _need(ex, "VRAM").need < vram.need and _need(ex, "RAM").need == ram.need
+
+
+def test_evaluate_gpu_branch_7b_fits_an_80_gb_card_in_bf16(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _root(tmp_path, QWEN_7B, "recipes/r1-32b-medical-ko.yaml")
+    params = load_params(root / "params.yaml")
+    _cuda(monkeypatch, 80)
+    vram = _need(estimate("evaluate", params, root), "VRAM")
+    assert vram.short_by(params.doctor.headroom) == 0
+    assert 2 * Arch.from_config(QWEN_7B).param_count() * 1.25 < vram.have  # load_for_inference picks bf16
+    preflight("evaluate", params, root)
+
+
+def test_evaluate_on_an_8_gb_card_is_refused_naming_the_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _root(tmp_path, QWEN_32B, "recipes/r1-32b-medical-ko.yaml", **{"evaluate.batch_size": 2})
+    params = load_params(root / "params.yaml")
+    _cuda(monkeypatch, 8)
+    with pytest.raises(StageError) as e:
+        preflight("evaluate", params, root)
+    msg = str(e.value)
+    assert re.match(
+        r"^evaluate needs 2\d\.\d GB free GPU memory on cuda:0 but 8\.6 GB is free \(1\d\.\d GB short\) "
+        r"\(estimates × doctor\.headroom 1\.1\); lower evaluate\.batch_size, or set doctor\.mode: warn",
+        msg,
+    ), msg
+    assert msg.endswith(".") and msg.count(". ") == 0 and "\n" not in msg
+
+
+def test_free_vram_is_capped_by_kmed_gpu_mem_gb(monkeypatch: pytest.MonkeyPatch) -> None:
+    done = subprocess.CompletedProcess([], 0, stdout=f"{80 * 2**30}\n", stderr="")
+    monkeypatch.setattr(doctor.subprocess, "run", lambda *a, **k: done)
+    monkeypatch.delenv("KMED_GPU_MEM_GB", raising=False)
+    assert doctor.free_vram(0) == 80 * 2**30
+    monkeypatch.setenv("KMED_GPU_MEM_GB", "24")
+    assert doctor.free_vram(0) == 24 * 2**30
 
 
 def test_free_vram_without_a_gpu_is_unknown() -> None:

@@ -1,0 +1,54 @@
+"""How many layers of a GGUF export hands llama.cpp's GPU (kmed/ggufio.py), without a GPU here: the layer
+arithmetic, the GGUF's shape read from its metadata, and the offload of a file on a faked card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kmed import ggufio
+from kmed.ggufio import GGUF_RESERVE, gguf_layers, gpu_offload, offload_layers
+
+GIB = 2**30
+QWEN_32B_KV = 2 * 64 * 8 * 128 * 2  # f16 K and V of 64 layers, 8 KV heads of 128 a token
+
+
+def test_a_32b_f16_gguf_goes_in_part_on_a_24_gib_card() -> None:
+    reserve = int(GGUF_RESERVE + QWEN_32B_KV * 1024)
+    n = offload_layers(int(65.5e9), 64, 24 * GIB, reserve)
+    assert n == int((24 * GIB - reserve) // (65.5e9 / 65)) == 23  # ~1.0 GB a layer
+
+
+def test_a_32b_q4_k_m_gguf_goes_whole_on_an_80_gib_card() -> None:
+    assert offload_layers(int(19.9e9), 64, 80 * GIB, int(GGUF_RESERVE + QWEN_32B_KV * 1024)) == -1
+
+
+def test_no_free_memory_offloads_nothing() -> None:
+    assert offload_layers(int(19.9e9), 64, 0, int(GGUF_RESERVE)) == 0
+    assert offload_layers(int(19.9e9), 64, int(GGUF_RESERVE), int(GGUF_RESERVE)) == 0
+    # Room for every block but not the embeddings and output head: all blocks, not -1.
+    assert offload_layers(6500, 64, 6400, 0) == 64
+
+
+def test_shape_of_the_embedded_gguf() -> None:
+    from kmed.modeling import embedded_gguf
+
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64 (hidden 576 over 9 heads).
+    assert gguf_layers(embedded_gguf()) == (30, 2 * 30 * 3 * 64 * 2)
+
+
+def test_gpu_offload_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f16 = tmp_path / "model-f16.gguf"
+    f16.write_bytes(b"\0" * 6500)
+    monkeypatch.setattr(ggufio, "gguf_layers", lambda path: (64, 0))
+    monkeypatch.setattr(ggufio, "GGUF_RESERVE", 0)
+    monkeypatch.setattr(ggufio, "gpu_backend", lambda: False)
+    assert gpu_offload(f16) == 0  # llama-cpp-python without a GPU backend: CPU
+    monkeypatch.setattr(ggufio, "gpu_backend", lambda: True)
+    monkeypatch.setattr(ggufio, "free_gpu_bytes", lambda: None)
+    assert gpu_offload(f16) == -1  # free memory unknown: all, as before
+    monkeypatch.setattr(ggufio, "free_gpu_bytes", lambda: 3300)
+    assert gpu_offload(f16) == 33  # 100 bytes a layer
+    monkeypatch.setattr(ggufio, "free_gpu_bytes", lambda: 6500)
+    assert gpu_offload(f16) == -1
