@@ -8,8 +8,9 @@ export, each the project's own stage command, on a random-weight model with a re
 
 `prepare` builds the base as a pre-quantized bitsandbytes NF4 checkpoint, layer by layer (bench/build_4bit.py:
 the form of the seed's `unsloth/DeepSeek-R1-Distill-Qwen-32B-unsloth-bnb-4bit`, so merge takes its dequantize
-path), swaps in the embedded SmolLM2 tokenizer from `--assets` (llama.cpp's converter knows its pre-tokenizer;
-the model's 152k vocabulary is padded), copies `--assets/processed` to data/processed (the repo's preprocess
+path), swaps in the Qwen2 tokenizer from `--assets` (rebuilt by kmed.modeling.tokenizer_from_gguf from llama.cpp's
+own models/ggml-vocab-qwen2.gguf: the real 151,936-token vocabulary and pre-tokenizer, which llama.cpp's converter
+recognizes; eos `<|im_end|>`), copies `--assets/processed` to data/processed (the repo's preprocess
 output: short records, so sequence lengths are the data's, not 2048) and writes params.yaml = the production
 recipe with the bench's overrides (steps, evaluate sizes, export checks that do not gate: a random-weight
 model has no meaningful greedy agreement and never says EOS).
@@ -89,13 +90,47 @@ def cmd_prepare(a: argparse.Namespace) -> None:
     raw = yaml.safe_load((ROOT / "recipes/r1-32b-medical-ko.yaml").read_text())
     raw["model"].update(base="models/base", revision=None, max_seq_length=2048)
     raw["sft_stage1"]["max_steps"] = raw["sft_stage2"]["max_steps"] = a.steps
-    raw["evaluate"].update(mcq_limit=16, gen_limit=4, translation_limit=4, max_new_tokens=32, batch_size=8)
+    raw["evaluate"].update(mcq_limit=16, gen_limit=4, translation_limit=4, max_new_tokens=32, batch_size=2)
     raw["export"].update(quantizations=["q4_k_m"], min_token_agreement={}, max_ppl_delta={}, parity_tokens=8,
                          check_texts=2, check_max_tokens=128, chat_must_stop=False)
     raw["mlflow"]["enabled"] = False
     (work / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
     print(json.dumps({"mode": "prepare", "shape": a.shape, "params": res["params"], "eos": tcfg.get("eos_token"),
                       "base_bytes": du([base]), "secs": round(time.time() - t0, 1)}), flush=True)
+
+
+def cmd_adapter(a: argparse.Namespace) -> None:
+    """A random LoRA adapter for models/<stage>/adapter in PEFT's layout (the recipe's r, alpha, targets), so
+    that merge can run alone at a size where training first would cost device time."""
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    work = Path(a.work)
+    cfg = json.loads((work / "models/base/config.json").read_text())
+    lora = yaml.safe_load((work / "params.yaml").read_text())["lora"]
+    h, inter, heads = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
+    hd = h // heads
+    kv = cfg["num_key_value_heads"] * hd
+    dims = {"q_proj": ("self_attn", h, h), "k_proj": ("self_attn", h, kv), "v_proj": ("self_attn", h, kv),
+            "o_proj": ("self_attn", h, h), "gate_proj": ("mlp", h, inter), "up_proj": ("mlp", h, inter),
+            "down_proj": ("mlp", inter, h)}
+    torch.manual_seed(0)
+    r, tensors = lora["r"], {}
+    for i in range(cfg["num_hidden_layers"]):
+        for name in lora["target_modules"]:
+            blk, din, dout = dims[name]
+            pre = f"base_model.model.model.layers.{i}.{blk}.{name}"
+            tensors[f"{pre}.lora_A.weight"] = torch.randn(r, din) * 0.01
+            tensors[f"{pre}.lora_B.weight"] = torch.randn(dout, r) * 0.01
+    out = work / f"models/{a.stage}/adapter"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": lora["lora_alpha"],
+        "lora_dropout": 0.0, "target_modules": list(lora["target_modules"]), "bias": "none",
+        "use_rslora": bool(lora.get("use_rslora", False)), "base_model_name_or_path": "models/base"}, indent=2))
+    print(json.dumps({"mode": "adapter", "tensors": len(tensors), "bytes": du([out])}), flush=True)
 
 
 def gpu_used_mib() -> int:
@@ -184,6 +219,10 @@ def main() -> None:
     p.add_argument("--assets", required=True)
     p.add_argument("--steps", type=int, default=5)
     p.set_defaults(fn=cmd_prepare)
+    p = sub.add_parser("adapter")
+    p.add_argument("--work", required=True)
+    p.add_argument("--stage", default="stage1")
+    p.set_defaults(fn=cmd_adapter)
     p = sub.add_parser("stages")
     p.add_argument("--work", required=True)
     p.add_argument("--results", required=True)

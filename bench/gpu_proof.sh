@@ -3,7 +3,7 @@
 # Everything lives under build/ (git-ignored), which the device keeps between calls while it is warm.
 #   bash bench/gpu_proof.sh setup pipe7b  # wheels into build/site; llama-cpp-python built with CUDA (detached);
 #                                        # random-weight Qwen2.5-7B (NF4 base): sft-stage1 .. merge@stage2
-#   bash bench/gpu_proof.sh export7b      # evaluate, then export (f16 + q4_k_m GGUF, llama.cpp on the GPU)
+#   bash bench/gpu_proof.sh eval7b export7b  # evaluate (capped to 12 GB: merged models load nf4); export (f16 + q4_k_m GGUF, llama.cpp on the GPU)
 #   bash bench/gpu_proof.sh merge14b   # Qwen2.5-14B: sft-stage1 (1 step) then merge@stage1 alone (memory flat in size)
 #   bash bench/gpu_proof.sh eval32b    # Qwen2.5-32B NF4 base as all three models of evaluate, capped to 24 GB
 # Carry [".whl", ".gpu_carry"] (.whl from ../shared/gpu/wheels.sh; .gpu_carry: the SmolLM2 tokenizer files,
@@ -25,27 +25,48 @@ setup)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
   free -g | tee -a "$OUT/gpu.txt"; df -h "$B" | tee -a "$OUT/gpu.txt"; nproc | tee -a "$OUT/gpu.txt"
   rm -rf "$B/lcp-src" && mkdir -p "$B/lcp-src" && tar xzf .gpu_carry/llama_cpp_python-*.tar.gz -C "$B/lcp-src"
-  cd "$B"/lcp-src/llama_cpp_python-* && setsid nohup bash -c 't0=$(date +%s);
+  (cd "$B"/lcp-src/llama_cpp_python-* && setsid nohup bash -c 't0=$(date +%s);
     CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
     python3 -m pip install --no-build-isolation --no-deps --no-index --target '"$B/lcp"' . ; \
-    echo "rc=$? secs=$(( $(date +%s) - t0 ))" > '"$B/lcp-build.rc" > "$B/lcp-build.log" 2>&1 < /dev/null &
-  cd - > /dev/null; echo "llama-cpp-python CUDA build started, detached"
+    echo "rc=$? secs=$(( $(date +%s) - t0 ))" > '"$B/lcp-build.rc" > "$B/lcp-build.log" 2>&1 < /dev/null &)
+  echo "llama-cpp-python CUDA build started, detached"
   ;;
 pipe7b)
   $PY bench/gpu_pipeline.py prepare --shape 7b --work "$B/p7" --assets .gpu_carry --steps 3 | tee -a "$OUT/pipe7b.jsonl"
   stages "$B/p7" 7b "$OUT/pipe7b.jsonl" sft-stage1 merge@stage1 sft-stage2 merge@stage2
   ;;
+retok7b)  # a workdir prepared with older assets: swap in the current tokenizer and its ids
+  $PY - "$B/p7" <<'PYEOF'
+import json, shutil, sys
+from pathlib import Path
+work, c = Path(sys.argv[1]), Path(".gpu_carry")
+ids = json.loads((c / "ids.json").read_text())
+for d in [work / "models/base", *work.glob("models/stage*/merged")]:
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(c / f, d / f)
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((d / name).read_text())
+        cfg.update(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+        (d / name).write_text(json.dumps(cfg, indent=2) + "\n")
+    print("retokenized", d)
+PYEOF
+  ;;
+eval7b)
+  KMED_GPU_MEM_GB=12 stages "$B/p7" 7b "$OUT/pipe7b.jsonl" evaluate   # 12 GB: the merged 7B (15 GB) loads as nf4
+  ;;
 export7b)
-  stages "$B/p7" 7b "$OUT/pipe7b.jsonl" evaluate
-  while [ ! -f "$B/lcp-build.rc" ]; do sleep 5; done; cat "$B/lcp-build.rc"; tail -5 "$B/lcp-build.log"
+  for i in $(seq 120); do [ -f "$B/lcp-build.rc" ] || ! pgrep -f "no-build-isolation" > /dev/null && break; sleep 5; done; cat "$B/lcp-build.rc"; tail -5 "$B/lcp-build.log"
   cp "$B/lcp-build.log" "$OUT/" ; cat "$B/lcp-build.rc" > "$OUT/lcp-build.rc"
   $PY -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'gpu offload:', llama_cpp.llama_supports_gpu_offload())" | tee "$OUT/lcp.txt"
   stages "$B/p7" 7b "$OUT/pipe7b.jsonl" export
   ;;
-merge14b)
+merge14b)  # merge alone: a random adapter (the recipe's r/alpha/targets) instead of a training run
   rm -rf "$B/p7/models/export" "$B/p7/models/stage1" "$B/p7/models/stage2"  # disk for the 14B run
+  [ -d "$B/site/pydantic" ] || $PY -m pip install -q --no-index --no-deps --no-compile --target "$B/site" \
+     .whl/bitsandbytes-*.whl .whl/pydantic-*.whl .whl/pydantic_core-*.whl .whl/annotated_types-*.whl .whl/typing_inspection-*.whl
   $PY bench/gpu_pipeline.py prepare --shape 14b --work "$B/p14" --assets .gpu_carry --steps 1 | tee -a "$OUT/merge14b.jsonl"
-  stages "$B/p14" 14b "$OUT/merge14b.jsonl" sft-stage1 merge@stage1
+  $PY bench/gpu_pipeline.py adapter --work "$B/p14" | tee -a "$OUT/merge14b.jsonl"
+  stages "$B/p14" 14b "$OUT/merge14b.jsonl" merge@stage1
   ;;
 eval32b)
   rm -rf "$B/p7" "$B/p14"
@@ -57,5 +78,5 @@ eval32b)
 *) echo "unknown phase $phase"; exit 2 ;;
 esac
 done
-for f in "$B"/p*/logs/*.log; do [ -f "$f" ] && cp "$f" "$OUT/$(basename "$(dirname "$(dirname "$f")")")-$(basename "$f")"; done
+for f in "$B"/p*/logs/*.log; do [ -f "$f" ] && n="$(basename "$(dirname "$(dirname "$f")")")-$(basename "$f")"; cp "$f" "$OUT/${n//@/_}"; done
 exit 0
