@@ -188,11 +188,14 @@ def test_xlsx_bomb_is_refused_quickly_without_inflating_it(
     assert repo.outputs() == before
 
 
+# Each row must fit model.max_seq_length=192 whole (SmolLM2 spends ~2 tokens per Hangul syllable):
+# an answer is never cut, so an instruction row over the window is dropped as overlong_answer, which
+# is not what these tests are about. The first row renders to 170 tokens.
 CP949_ROWS = [  # instruction, input, output
     (
         "두통이 사흘째 계속되는 환자에게 먼저 확인할 것은 무엇인가요?",
         "",
-        "발열, 신경학적 이상, 갑작스러운 발생 여부를 먼저 확인합니다.",
+        "발열과 신경학적 이상을 먼저 확인합니다.",
     ),
     (
         "환자 주민등록번호 800101-1234567 을 확인한 뒤 처방전을 발급해 주세요.",
@@ -214,9 +217,7 @@ def messy_run(pipeline_repo_session: PipelineRepo) -> dict:
     try:
         lines = ["instruction,input,output"] + [f'"{i}","{n}","{o}"' for i, n, o in CP949_ROWS]
         lines += [lines[1]] * 3  # three exact duplicates of the first row
-        lines += [
-            '"두통이  사흘째 계속되는 환자에게 먼저 확인할 것은 무엇인가요?","","발열, 신경학적 이상, 갑작스러운 발생 여부를 먼저 확인합니다."'
-        ]
+        lines += [lines[1].replace(" ", "  ", 1)]  # equal to the first row only after normalisation
         (p / "data/raw/cp949.csv").write_bytes(("\r\n".join(lines) + "\r\n").encode("cp949"))
         raw = yaml.safe_load((p / "params.yaml").read_text())
         raw["data"]["stage2"]["sources"].append(
@@ -279,6 +280,7 @@ def test_cp949_csv_is_read_correctly(messy_run: dict) -> None:
 def test_duplicates_are_dropped_and_counted(messy_run: dict) -> None:
     m = messy_run["metrics"]
     assert m["stage2.duplicates.exact"] == 3 and m["stage2.duplicates.normalized"] == 1
+    assert m["stage2.dropped.overlong"] == 0  # every CP949 row fits the window (see CP949_ROWS)
     assert m["stage2.rows_out.cp949_csv"] == 2
     prompts = [r["prompt"] for r in _records(messy_run, "stage2")]
     assert sum(CP949_ROWS[0][0] in p for p in prompts) == 1
