@@ -12,6 +12,7 @@ Outputs: metrics/eval.json (flat keys `base.mcq_acc`, `stage1.mcq_acc`, ...), me
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -152,6 +153,7 @@ def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dic
     if torch.cuda.is_available():
         m["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     del model
+    gc.collect()  # accelerate's hooks and bnb's quant states hold reference cycles: free them before the next model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return m, gens
