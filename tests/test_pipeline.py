@@ -149,3 +149,50 @@ def test_lora_r32_reruns_from_sft_stage1_and_shows_in_exp_show(repo: Path) -> No
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
     text = json.dumps(shown)
     assert '"r": 32' in text and "stage2.mcq_acc" in text
+
+
+def _ran(text: str) -> list[str]:
+    return [line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage")]
+
+
+def test_exp_run_dry_names_the_stages_and_runs_nothing(repo: Path) -> None:
+    """`--dry` (DVC runs it in a temp copy of the repo) lists what `-S lora.r=32` would rerun, runs no command,
+    and leaves the workspace, params.yaml and the experiments list as they were."""
+    before = tree_digest(repo / "models", repo / "metrics")
+    exps_before = sh(repo, "dvc", "exp", "list", "--name-only").stdout
+    proc = sh(repo, "dvc", "exp", "run", "--dry", "-S", "lora.r=32")
+    ran = _ran(proc.stdout + proc.stderr)
+    assert ran and ran[0] == "sft-stage1", proc.stdout + proc.stderr
+    assert {"merge@stage1", "sft-stage2", "merge@stage2", "evaluate", "export"} <= set(ran)
+    assert "prepare-base" not in ran and "preprocess" not in ran
+    assert "INFO stages.sft" not in proc.stdout + proc.stderr  # printed, not executed
+    assert tree_digest(repo / "models", repo / "metrics") == before
+    assert sh(repo, "git", "status", "--porcelain", "params.yaml").stdout == ""
+    assert sh(repo, "dvc", "exp", "list", "--name-only").stdout == exps_before
+
+
+def test_exp_queue_runs_in_a_worker_and_shows_metrics(repo: Path) -> None:
+    """`dvc exp run --queue` + `dvc queue start`: the experiment runs in a background worker in a temp copy (the
+    cached models/base and data/processed are checked out there, the MLflow store stays the repo's), reruns
+    from sft-stage1, and `dvc exp show` lists its params and metrics."""
+    import time
+
+    sh(repo, "dvc", "exp", "run", "--queue", "-n", "q8", "-S", "lora.r=8")
+    try:
+        sh(repo, "dvc", "queue", "start")
+        deadline = time.time() + 1500
+        status = ""
+        while time.time() < deadline:
+            status = sh(repo, "dvc", "queue", "status").stdout
+            row = next((line for line in status.splitlines() if " q8 " in f" {line} "), "")
+            if "Success" in row or "Failed" in row:
+                break
+            time.sleep(5)
+        logs = sh(repo, "dvc", "queue", "logs", "q8", check=False)
+        assert "Success" in row, f"{status}\n{logs.stdout[-3000:]}{logs.stderr[-2000:]}"
+    finally:
+        sh(repo, "dvc", "queue", "stop", "--kill", check=False)
+    ran = _ran(logs.stdout)
+    assert ran and ran[0] == "sft-stage1" and "preprocess" not in ran, logs.stdout[-3000:]
+    shown = json.dumps(json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout))
+    assert '"q8"' in shown and '"r": 8' in shown and "stage2.mcq_acc" in shown
