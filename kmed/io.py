@@ -33,6 +33,15 @@ class StageError(RuntimeError):
     """An expected failure with a one-sentence message (bad input, failed check, NaN loss...)."""
 
 
+
+def gpu_free_planned(free: int, reserved: int = 0) -> int:
+    """GPU bytes a stage plans with: `free` as CUDA reports it, capped at KMED_GPU_MEM_GB GiB less the `reserved`
+    bytes this process's torch already holds. The cap is a machine fact, not a recipe param (e.g. 24 to behave
+    as on an RTX 4090 while sharing a bigger card); doctor, load_for_inference and export's llama.cpp offload
+    all read it here."""
+    cap = os.environ.get("KMED_GPU_MEM_GB")
+    return max(0, min(int(free), int(float(cap) * 2**30) - reserved)) if cap else max(0, int(free))
+
 def setup_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("KMED_LOG_LEVEL", "INFO"),

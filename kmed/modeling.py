@@ -10,13 +10,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from kmed.config import EMBEDDED_BASE, ModelCfg, _looks_like_hub_id
-from kmed.io import StageError
+from kmed.io import StageError, gpu_free_planned
 
 log = logging.getLogger(__name__)
 
@@ -314,10 +313,7 @@ def load_for_inference(folder: str | Path, trust_remote_code: bool = False) -> t
     from transformers import AutoModelForCausalLM
 
     refuse_unsafe_model(Path(folder), trust_remote_code)
-    free, _ = torch.cuda.mem_get_info()
-    cap = os.environ.get("KMED_GPU_MEM_GB")
-    if cap:
-        free = min(free, float(cap) * 2**30 - torch.cuda.memory_reserved())
+    free = gpu_free_planned(torch.cuda.mem_get_info()[0], torch.cuda.memory_reserved())
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # A bf16/fp16 checkpoint loads at its file size; an fp32 one is halved by the cast.
     need = weights * (0.5 if _saved_fp32(folder) else 1.0) * 1.25

@@ -127,18 +127,15 @@ def main() -> None:
 
     from kmed.data import render_prompt
     from kmed.ggufio import (
-        agreement,
         check_chat_template,
         check_meta,
         convert_f16,
         cpu_threads,
-        forced_agreement,
-        gguf_ppl,
+        gguf_checks,
         gpu_backend,
         gpu_offload,
-        greedy_ids,
         hf_ppl,
-        open_gguf,
+        isolated,
         quantize,
         read_meta,
     )
@@ -164,35 +161,26 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    threads, backend = cpu_threads(), gpu_backend()
+    threads, backend = cpu_threads(), isolated(gpu_backend)
     metrics: dict[str, Any] = {"hf.ppl": ppl_hf, "hf.on_gpu": placed["on_gpu"], "hf.load_4bit": placed["load_4bit"],
                                "threads": threads, "gguf_gpu_offload": int(backend)}
     log.info("llama.cpp: %d threads, %s", threads, "GPU offload" if backend else "CPU only")
     files: dict[str, dict[str, Any]] = {}
 
+    pids = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+
     def verify(q: str, path: Path, base_ppl: float | None) -> float:
         """Metadata, greedy agreement, perplexity and a chat completion of one GGUF; fails below params."""
         meta = read_meta(path)
         check_meta(meta, tok, path.name)
-        n_gpu = gpu_offload(path)  # per file: a 32B f16 GGUF (65 GB) may fit only in part, its q4_k_m whole
+        n_gpu = gpu_offload(path, backend)  # per file: a 32B f16 GGUF (65 GB) may fit only in part, its q4_k_m whole
         metrics[f"{q}.gpu_layers"] = n_gpu
         log.info("%s: n_gpu_layers %d (-1: all)", path.name, n_gpu)
-        llm = open_gguf(path, logits_all=True, n_threads=threads, n_gpu_layers=n_gpu)
-        try:
-            pids = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
-            agree = sum(forced_agreement(llm, p, r) for p, r in zip(pids, ref, strict=True)) / len(ref)
-            got = [greedy_ids(llm, p, ec.parity_tokens) for p in pids]
-            prefix = sum(agreement(a, b, ec.parity_tokens) for a, b in zip(ref, got, strict=True)) / len(ref)
-            ppl = gguf_ppl(llm, texts)
-            chat = llm.create_chat_completion(
-                # A question with a short answer, in English (SmolLM2's BPE spends ~3 tokens per Hangul
-                # syllable, so 256 tokens cut a Korean answer short): the check is the template + EOS.
-                messages=[{"role": "user", "content": QUESTIONS[3]}], max_tokens=512, temperature=0.0
-            )
-        finally:
-            llm.close()
+        # A question with a short answer, in English (SmolLM2's BPE spends ~3 tokens per Hangul syllable,
+        # so 256 tokens cut a Korean answer short): the chat check is the template + EOS.
+        r = isolated(gguf_checks, path, n_gpu, threads, pids, ref, texts, ec.parity_tokens, QUESTIONS[3])
+        agree, prefix, ppl, finish = r["agree"], r["prefix"], r["ppl"], r["finish"]
         delta = ppl / base_ppl - 1 if base_ppl else 0.0
-        finish = chat["choices"][0]["finish_reason"]
         metrics.update({f"{q}.token_agreement": agree, f"{q}.greedy_prefix": prefix, f"{q}.ppl": ppl, f"{q}.ppl_delta_vs_f16": delta,
                         f"{q}.chat_stopped": int(finish == "stop"), f"{q}.tensors": meta["tensor_count"]})
         log.info("%s: token agreement %.3f (greedy prefix %.3f) ppl %.3f (Δ %.2f%% vs f16) finish=%s", q, agree,
@@ -220,7 +208,7 @@ def main() -> None:
         for q in ec.quantizations:
             if q != "f16":
                 ggufs[q] = tmp / f"model-{q}.gguf"
-                quantize(f16, ggufs[q], q, threads)
+                isolated(quantize, f16, ggufs[q], q, threads)
         metrics["convert_quantize_seconds"] = round(time.time() - t_conv, 1)
         if "f16" not in ec.quantizations:
             f16.unlink()
@@ -228,7 +216,8 @@ def main() -> None:
         for q, path in ggufs.items():
             if q != "f16":
                 verify(q, path, base_ppl)
-        metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        metrics["peak_rss_mb"] = round(max(resource.getrusage(who).ru_maxrss for who in
+                                           (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024, 1)
 
         # Model card, Ollama Modelfile.
         for q, path in ggufs.items():

@@ -43,12 +43,10 @@ def test_gpu_offload_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     f16.write_bytes(b"\0" * 6500)
     monkeypatch.setattr(ggufio, "gguf_layers", lambda path: (64, 0))
     monkeypatch.setattr(ggufio, "GGUF_RESERVE", 0)
-    monkeypatch.setattr(ggufio, "gpu_backend", lambda: False)
-    assert gpu_offload(f16) == 0  # llama-cpp-python without a GPU backend: CPU
-    monkeypatch.setattr(ggufio, "gpu_backend", lambda: True)
+    assert gpu_offload(f16, backend=False) == 0  # llama-cpp-python without a GPU backend: CPU
     monkeypatch.setattr(ggufio, "free_gpu_bytes", lambda: None)
-    assert gpu_offload(f16) == -1  # free memory unknown: all, as before
+    assert gpu_offload(f16, backend=True) == -1  # free memory unknown: all, as before
     monkeypatch.setattr(ggufio, "free_gpu_bytes", lambda: 3300)
-    assert gpu_offload(f16) == 33  # 100 bytes a layer
+    assert gpu_offload(f16, backend=True) == 33  # 100 bytes a layer
     monkeypatch.setattr(ggufio, "free_gpu_bytes", lambda: 6500)
-    assert gpu_offload(f16) == -1
+    assert gpu_offload(f16, backend=True) == -1
