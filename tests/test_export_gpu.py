@@ -50,3 +50,27 @@ def test_gpu_offload_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert gpu_offload(f16, backend=True) == 33  # 100 bytes a layer
     monkeypatch.setattr(ggufio, "free_gpu_bytes", lambda: 6500)
     assert gpu_offload(f16, backend=True) == -1
+
+
+def test_llama_cpp_work_runs_in_a_process_of_its_own_and_a_crash_there_is_one_sentence() -> None:
+    """export hands every llama.cpp call to `isolated` (llama.cpp's CUDA backend and torch's crash in one process on
+    the GPU machine): the result comes back, and a worker that dies (here: SIGABRT) is a StageError, not a hang."""
+    import math
+    import os
+
+    from kmed.io import StageError
+
+    assert ggufio.isolated(math.sqrt, 16.0) == 4.0
+    assert ggufio.isolated(os.getpid) != os.getpid()
+    with pytest.raises(StageError, match="llama.cpp crashed in its worker process while running abort"):
+        ggufio.isolated(os.abort)
+
+
+def test_the_gpu_memory_cap_is_read_in_one_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kmed.io import gpu_free_planned
+
+    monkeypatch.delenv("KMED_GPU_MEM_GB", raising=False)
+    assert gpu_free_planned(80 * GIB, reserved=GIB) == 80 * GIB  # no cap: what CUDA reports
+    monkeypatch.setenv("KMED_GPU_MEM_GB", "24")
+    assert gpu_free_planned(80 * GIB, reserved=GIB) == 23 * GIB  # the cap, less what torch already holds
+    assert gpu_free_planned(10 * GIB) == 10 * GIB  # a cap above the free memory changes nothing
