@@ -29,7 +29,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import GenerationConfig, Qwen2Config
+from transformers import GenerationConfig, LlamaConfig, Qwen2Config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -42,13 +42,14 @@ WIDTHS = [(128, 384, 2, 1), (256, 768, 4, 2), (512, 1536, 8, 2), (896, 4864, 14,
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
 
 
-def layer_shapes(h: int, inter: int, heads: int, kv: int) -> dict[str, tuple[int, ...]]:
+def layer_shapes(h: int, inter: int, heads: int, kv: int, bias: bool = True) -> dict[str, tuple[int, ...]]:
     kvd = kv * (h // heads)
-    return {"input_layernorm.weight": (h,), "self_attn.q_proj.weight": (h, h), "self_attn.q_proj.bias": (h,),
-            "self_attn.k_proj.weight": (kvd, h), "self_attn.k_proj.bias": (kvd,),
-            "self_attn.v_proj.weight": (kvd, h), "self_attn.v_proj.bias": (kvd,),
-            "self_attn.o_proj.weight": (h, h), "post_attention_layernorm.weight": (h,),
-            "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h), "mlp.down_proj.weight": (h, inter)}
+    shapes = {"input_layernorm.weight": (h,), "self_attn.q_proj.weight": (h, h), "self_attn.q_proj.bias": (h,),
+              "self_attn.k_proj.weight": (kvd, h), "self_attn.k_proj.bias": (kvd,),
+              "self_attn.v_proj.weight": (kvd, h), "self_attn.v_proj.bias": (kvd,),
+              "self_attn.o_proj.weight": (h, h), "post_attention_layernorm.weight": (h,),
+              "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h), "mlp.down_proj.weight": (h, inter)}
+    return shapes if bias else {k: v for k, v in shapes.items() if not k.endswith(".bias")}
 
 
 def pick_shape(size_b: float) -> tuple[int, int, int, int, int]:
@@ -67,10 +68,11 @@ def rand(shape: tuple[int, ...], name: str) -> torch.Tensor:
     return (torch.randn(shape) * 0.02).to(torch.bfloat16)
 
 
-def build_base(out: Path, h: int, inter: int, heads: int, kv: int, layers: int) -> int:
-    """Shards of a few layers each (~0.5 GB), written as they are built; returns the number of params."""
+def build_base(out: Path, h: int, inter: int, heads: int, kv: int, layers: int, llama: bool = False) -> int:
+    """Shards of a few layers each (~0.5 GB), written as they are built; returns the number of params.
+    `llama`: SmolLM2's own architecture (Llama: no q/k/v biases), whose tokenizer llama.cpp's converter knows."""
     out.mkdir(parents=True)
-    shapes = layer_shapes(h, inter, heads, kv)
+    shapes = layer_shapes(h, inter, heads, kv, bias=not llama)
     per_shard = max(1, int(5e8 // (2 * sum(torch.Size(s).numel() for s in shapes.values()))))
     groups = [[("model.embed_tokens.weight", (VOCAB, h))]]
     for i in range(layers):
@@ -90,10 +92,11 @@ def build_base(out: Path, h: int, inter: int, heads: int, kv: int, layers: int) 
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     src = json.loads((ROOT / "models/base/config.json").read_text())
     ids = {k: src.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                      tie_word_embeddings=False, **ids)
-    cfg.architectures, cfg.dtype = ["Qwen2ForCausalLM"], "bfloat16"
+    cls = LlamaConfig if llama else Qwen2Config
+    cfg = cls(vocab_size=VOCAB, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+              tie_word_embeddings=False, **ids)
+    cfg.architectures, cfg.dtype = ["LlamaForCausalLM" if llama else "Qwen2ForCausalLM"], "bfloat16"
     cfg.save_pretrained(str(out))
     GenerationConfig(**ids).save_pretrained(str(out))
     for f in TOKENIZER_FILES:

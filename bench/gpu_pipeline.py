@@ -18,7 +18,9 @@ model has no meaningful greedy agreement and never says EOS).
 `stages` runs each stage as `python -m stages.<module> ...` in the workdir with PYTHONPATH at the repo root,
 through a wrapper process, and records per stage: wall seconds, peak RSS of the stage's process tree
 (RUSAGE_CHILDREN of the wrapper), peak GPU memory in use (nvidia-smi, polled every 0.2 s), bytes its outputs
-add on disk, the stage's own metrics, and the exit code. One JSON row per stage.
+add on disk, the stage's own metrics, and the exit code. One JSON row per stage. The peak RSS is split too (polled
+every 0.2 s over the process tree): RssAnon, the processes' own memory, and RssFile, pages of mapped files
+(safetensors, GGUF) that ru_maxrss counts although the kernel can drop them.
 
 Only the standard library at module level (the stages import torch themselves).
 """
@@ -133,6 +135,32 @@ def cmd_adapter(a: argparse.Namespace) -> None:
     print(json.dumps({"mode": "adapter", "tensors": len(tensors), "bytes": du([out])}), flush=True)
 
 
+def tree_rss_kb(root: int) -> tuple[int, int]:
+    """(RssAnon, RssFile) in kB summed over the process tree under `root`: the processes' own memory apart from the
+    pages of mapped files (safetensors, GGUF) that ru_maxrss also counts and the kernel can drop."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                kids.setdefault(int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(d))
+            except (OSError, IndexError, ValueError):
+                continue
+    anon = file = 0
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            for ln in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if ln.startswith("RssAnon:"):
+                    anon += int(ln.split()[1])
+                elif ln.startswith("RssFile:"):
+                    file += int(ln.split()[1])
+        except OSError:
+            pass
+        stack += kids.get(pid, [])
+    return anon, file
+
+
 def gpu_used_mib() -> int:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
@@ -148,34 +176,37 @@ def run_stage(name: str, work: Path, shape: str) -> dict[str, Any]:
     before = du(out_paths)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", KMED_MLFLOW="0",
                PYTHONUNBUFFERED="1")
-    idle, peak, stop = gpu_used_mib(), [0], threading.Event()
+    idle, peak, stop = gpu_used_mib(), [0, 0, 0], threading.Event()
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", WRAP, sys.executable, *cmd], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def poll() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], gpu_used_mib())
+            anon, file = tree_rss_kb(proc.pid)
+            peak[:] = [max(peak[0], gpu_used_mib()), max(peak[1], anon), max(peak[2], file)]
             stop.wait(0.2)
 
     th = threading.Thread(target=poll, daemon=True)
     th.start()
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", WRAP, sys.executable, *cmd], cwd=work, env=env,
-                          capture_output=True, text=True)
+    out, err = proc.communicate()
     secs = time.time() - t0
     stop.set()
     th.join()
-    wrap = next((json.loads(line[len("KMED_BENCH "):]) for line in proc.stdout.splitlines()
+    wrap = next((json.loads(line[len("KMED_BENCH "):]) for line in out.splitlines()
                  if line.startswith("KMED_BENCH ")), {"rc": proc.returncode, "maxrss_kb": 0})
     (work / "logs").mkdir(exist_ok=True)
-    (work / "logs" / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    (work / "logs" / f"{name}.log").write_text(out + err)
     mpath = work / metrics_file
     metrics = json.loads(mpath.read_text()) if mpath.exists() and wrap["rc"] == 0 else {}
     row = {"mode": "pipeline", "shape": shape, "stage": name, "rc": wrap["rc"], "secs": round(secs, 1),
            "peak_rss_gib": round(wrap["maxrss_kb"] / 2**20, 2),
+           "peak_anon_gib": round(peak[1] / 2**20, 2), "peak_file_gib": round(peak[2] / 2**20, 2),
            "peak_gpu_gib": round((peak[0] - max(idle, 0)) / 1024, 2) if peak[0] > 0 else None,
            "disk_gib": round((du(out_paths) - before) / 2**30, 2), "metrics": metrics,
            "date": time.strftime("%Y-%m-%d"), "gpu": gpu_name()}
     if wrap["rc"] != 0:
-        row["error_tail"] = (proc.stderr or proc.stdout)[-1500:]
+        row["error_tail"] = (err or out)[-1500:]
     return row
 
 

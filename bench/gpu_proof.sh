@@ -4,6 +4,7 @@
 #   bash bench/gpu_proof.sh setup pipe7b  # wheels into build/site; llama-cpp-python built with CUDA (detached);
 #                                        # random-weight Qwen2.5-7B (NF4 base): sft-stage1 .. merge@stage2
 #   bash bench/gpu_proof.sh eval7b export7b  # evaluate (capped to 12 GB: merged models load nf4); export (f16 + q4_k_m GGUF, llama.cpp on the GPU)
+#                                        # export7b without a pipe7b workdir: 7B base + random adapter + merge@stage1 as the source
 #   bash bench/gpu_proof.sh merge14b   # Qwen2.5-14B: sft-stage1 (1 step) then merge@stage1 alone (memory flat in size)
 #   bash bench/gpu_proof.sh eval32b    # Qwen2.5-32B NF4 base as all three models of evaluate, capped to 24 GB
 # Carry [".whl", ".gpu_carry"] (.whl from ../shared/gpu/wheels.sh; .gpu_carry: the SmolLM2 tokenizer files,
@@ -14,6 +15,8 @@ OUT=${OUT:-$B/out}
 mkdir -p "$B" "$OUT"
 export PYTHONPATH=$PWD:$B/site:$B/lcp HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1
 PY=python3
+# The device is handed back after 30 s idle and a fresh one is bare: every call sets up what is missing.
+if [ "${1:-}" != setup ] && [ ! -d "$B/site/trl" ]; then set -- setup "$@"; fi
 stages() {  # work shape results stage...
   local work=$1 shape=$2 res=$3; shift 3
   for s in "$@"; do $PY bench/gpu_pipeline.py stages --work "$work" --shape "$shape" --only "$s" --results "$res" || return 1; done
@@ -55,10 +58,17 @@ eval7b)
   KMED_GPU_MEM_GB=12 stages "$B/p7" 7b "$OUT/pipe7b.jsonl" evaluate   # 12 GB: the merged 7B (15 GB) loads as nf4
   ;;
 export7b)
+  if [ ! -e "$B/p7/models/stage2/merged/config.json" ]; then
+    rm -rf "$B/p7" "$B/p14" "$B/p32"
+    $PY bench/gpu_pipeline.py prepare --shape 7b --work "$B/p7" --assets .gpu_carry --steps 1 | tee -a "$OUT/export7b.jsonl"
+    $PY bench/gpu_pipeline.py adapter --work "$B/p7" | tee -a "$OUT/export7b.jsonl"
+    stages "$B/p7" 7b "$OUT/export7b.jsonl" merge@stage1
+    mkdir -p "$B/p7/models/stage2" && ln -sfn ../stage1/merged "$B/p7/models/stage2/merged"
+  fi
   for i in $(seq 120); do [ -f "$B/lcp-build.rc" ] || ! pgrep -f "no-build-isolation" > /dev/null && break; sleep 5; done; cat "$B/lcp-build.rc"; tail -5 "$B/lcp-build.log"
   cp "$B/lcp-build.log" "$OUT/" ; cat "$B/lcp-build.rc" > "$OUT/lcp-build.rc"
   $PY -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'gpu offload:', llama_cpp.llama_supports_gpu_offload())" | tee "$OUT/lcp.txt"
-  stages "$B/p7" 7b "$OUT/pipe7b.jsonl" export
+  stages "$B/p7" 7b "$OUT/export7b.jsonl" export
   ;;
 merge14b)  # merge alone: a random adapter (the recipe's r/alpha/targets) instead of a training run
   rm -rf "$B/p7/models/export" "$B/p7/models/stage1" "$B/p7/models/stage2"  # disk for the 14B run
