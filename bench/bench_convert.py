@@ -30,24 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 from bench_merge import build_base, cpu_info, pick_shape  # noqa: E402
+from gpu_pipeline import tree_rss_kb  # noqa: E402
 
 from kmed.ggufio import convert_cmd  # noqa: E402
 
 QUANT = ("import sys; from pathlib import Path; from kmed.ggufio import quantize; "
          "quantize(Path(sys.argv[1]), Path(sys.argv[2]), 'q4_k_m', 2)")
-
-
-def status_kb(pid: int) -> dict[str, int]:
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return {}
-    out = {}
-    for ln in lines:
-        k, _, v = ln.partition(":")
-        if k in ("VmRSS", "RssAnon", "RssFile"):
-            out[k] = int(v.split()[0])
-    return out
 
 
 def watch(cmd: list[str]) -> dict[str, float]:
@@ -60,7 +48,8 @@ def watch(cmd: list[str]) -> dict[str, float]:
 
     def poll() -> None:
         while not done.is_set():
-            for k, v in status_kb(proc.pid).items():
+            anon, file = tree_rss_kb(proc.pid)
+            for k, v in (("VmRSS", anon + file), ("RssAnon", anon), ("RssFile", file)):
                 peak[k] = max(peak[k], v)
             done.wait(0.05)
 

@@ -5,7 +5,7 @@
 #                                        # random-weight Qwen2.5-7B (NF4 base): sft-stage1 .. merge@stage2
 #   bash bench/gpu_proof.sh eval7b export7b  # evaluate (capped to 12 GB: merged models load nf4); export (f16 + q4_k_m GGUF, llama.cpp on the GPU)
 #                                        # export7b without a pipe7b workdir: 7B base + random adapter + merge@stage1 as the source
-#   bash bench/gpu_proof.sh merge14b   # Qwen2.5-14B: sft-stage1 (1 step) then merge@stage1 alone (memory flat in size)
+#   bash bench/gpu_proof.sh merge14b   # Qwen2.5-14B: a random adapter, then merge@stage1 alone (memory flat in size)
 #   bash bench/gpu_proof.sh eval32b    # Qwen2.5-32B NF4 base as all three models of evaluate, capped to 24 GB
 # Carry [".whl", ".gpu_carry"] (.whl from ../shared/gpu/wheels.sh; .gpu_carry: the SmolLM2 tokenizer files,
 # ids.json, processed/ = data/processed, and the slimmed llama_cpp_python sdist). Results: $OUT/*.jsonl, logs.
@@ -72,8 +72,6 @@ export7b)
   ;;
 merge14b)  # merge alone: a random adapter (the recipe's r/alpha/targets) instead of a training run
   rm -rf "$B/p7/models/export" "$B/p7/models/stage1" "$B/p7/models/stage2"  # disk for the 14B run
-  [ -d "$B/site/pydantic" ] || $PY -m pip install -q --no-index --no-deps --no-compile --target "$B/site" \
-     .whl/bitsandbytes-*.whl .whl/pydantic-*.whl .whl/pydantic_core-*.whl .whl/annotated_types-*.whl .whl/typing_inspection-*.whl
   $PY bench/gpu_pipeline.py prepare --shape 14b --work "$B/p14" --assets .gpu_carry --steps 1 | tee -a "$OUT/merge14b.jsonl"
   $PY bench/gpu_pipeline.py adapter --work "$B/p14" | tee -a "$OUT/merge14b.jsonl"
   stages "$B/p14" 14b "$OUT/merge14b.jsonl" merge@stage1
