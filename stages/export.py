@@ -198,8 +198,9 @@ def main() -> None:
         # Convert (llama.cpp's converter reads tensors lazily: memory stays near one tensor), check f16.
         f16 = tmp / "model-f16.gguf"
         t_conv = time.time()
-        convert_f16(SRC, f16)
-        metrics["convert_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+        convert_rss = convert_f16(SRC, f16)
+        if convert_rss is not None:
+            metrics["convert_peak_rss_mb"] = convert_rss
         base_ppl = verify("f16", f16, None)
 
         # Quantize from f16; the f16 intermediate goes as soon as the last quantization is written

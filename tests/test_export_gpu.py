@@ -74,3 +74,54 @@ def test_the_gpu_memory_cap_is_read_in_one_place(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("KMED_GPU_MEM_GB", "24")
     assert gpu_free_planned(80 * GIB, reserved=GIB) == 23 * GIB  # the cap, less what torch already holds
     assert gpu_free_planned(10 * GIB) == 10 * GIB  # a cap above the free memory changes nothing
+
+
+def test_a_quantized_gguf_decodes_a_batch_on_any_cpu() -> None:
+    """open_gguf turns llama.cpp's extra CPU buffers off: a natively built llama.cpp on an AMX CPU
+    (this suite's Sapphire Rapids machines) segfaulted here in the first batched decode of a quantized
+    GGUF (ggml-org/llama.cpp#20824); on CPUs without AMX this is a plain check that decoding works."""
+    import llama_cpp.llama as llama_module
+
+    from kmed.modeling import embedded_gguf
+
+    defaults = llama_module.llama_cpp.llama_model_default_params
+    llm = ggufio.isolated(_decode_32, embedded_gguf())  # the shipped GGUF is Q4_1
+    assert llm == 32 * 49152
+    assert llama_module.llama_cpp.llama_model_default_params is defaults  # the wrap is undone
+
+
+def _decode_32(path: Path) -> int:
+    import numpy as np
+
+    llm = ggufio.open_gguf(path, logits_all=True)
+    try:
+        llm.eval(list(range(100, 132)))
+        scores = np.asarray(llm.scores[:32])
+        assert np.isfinite(scores).all()
+        return int(scores.size)
+    finally:
+        llm.close()
+
+
+@pytest.mark.integration
+def test_the_converter_reports_its_own_peak_not_the_parents(tmp_path: Path, smol_tokenizer) -> None:  # noqa: ANN001
+    """A child's ru_maxrss carries the parent's RSS across fork+exec, so export once recorded its own
+    size as the converter's; convert_f16 returns the converter's VmHWM instead."""
+    import resource
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir = tmp_path / "tiny_llama"  # SmolLM2's architecture: the converter knows its tokenizer
+    smol_tokenizer.save_pretrained(model_dir)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                 tie_word_embeddings=True)).save_pretrained(model_dir)
+
+    ballast = bytearray(1500 * 2**20)  # the parent at 1.5 GB+, as export is with a model loaded
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])
+    out = tmp_path / "m.gguf"
+    peak = ggufio.convert_f16(model_dir, out)
+    assert out.stat().st_size > 0
+    assert peak is not None and 100 < peak < 1200, peak
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 > 1500
+    del ballast

@@ -212,8 +212,11 @@ def export_workdir(wd: Path, tiny_llama_dir: Path) -> Path:
 def test_export_killed_mid_write_leaves_no_export(tmp_path: Path, tiny_llama_dir: Path) -> None:
     wd = export_workdir(tmp_path / "wd", tiny_llama_dir)
     out = wd / "models/export"
-    # Killed right after llama.cpp wrote the q8_0 GGUF (f16 is there too; no model card yet).
-    proc = kit.stage(wd, "stages.export", check=False, **kit.fault("kmed.ggufio:quantize"))
+    # Killed right after llama.cpp wrote the q8_0 GGUF (f16 is there too; no model card yet). Quantizing
+    # runs in a worker process (kmed.ggufio.isolated), so the stage itself is killed when the worker's
+    # result comes back; the ARGV filter keeps the fault out of the spawned worker.
+    fault = kit.fault("kmed.ggufio:isolated", match="function quantize", argv="stages.export")
+    proc = kit.stage(wd, "stages.export", check=False, **fault)
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
     (tmp,) = kit.siblings(out)
