@@ -103,7 +103,7 @@ def main() -> None:
             for dtype in a.dtypes.split(","):
                 row = {"bench": "load-cpu", "size_b": round(n / 1e9, 3), "hidden": h, "layers": layers,
                        "dtype": dtype, **measure(folder, dtype), **cpu_info(),
-                       "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                       "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
                 print(json.dumps(row), flush=True)
                 a.results.parent.mkdir(parents=True, exist_ok=True)
                 with a.results.open("a") as f:
