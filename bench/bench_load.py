@@ -8,7 +8,7 @@ and keeps all of them open until the load ends (`modeling_utils`, `all_pointer`)
 the kernel can drop, not memory the stage needs. This measures the split on the CPU, for the loader call of
 `kmed.modeling.load_for_inference` with `device_map={"": "cpu"}` instead of the GPU, in bf16 (the checkpoint's
 dtype, or another with --dtypes): a child process loads a random-weight Qwen2 (bench_merge.build_base, ~0.5 GB shards) while this process
-polls its RssAnon and RssFile every 20 ms. On the CPU the weights stay in host memory, so the row also reports
+polls its RssAnon and RssFile every 50 ms (bench_convert.watch). On the CPU the weights stay in host memory, so the row also reports
 the bytes of the loaded parameters and what the load needed beyond them; on a GPU those parameter bytes go to
 the card. Loading in bf16 (the checkpoint's dtype) the CPU keeps the mapped pages as the weights (no copy);
 `--dtypes float16` forces a copy of every tensor, which shows the loader's own transient memory beyond the
@@ -20,17 +20,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from bench_convert import watch  # noqa: E402
 from bench_merge import build_base, cpu_info, pick_shape  # noqa: E402
-from gpu_pipeline import tree_rss_kb  # noqa: E402
 
 # The child: the same from_pretrained arguments as kmed.modeling.load_for_inference on CUDA, on the CPU.
 LOADER = """
@@ -44,46 +41,29 @@ m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.a
                                          attn_implementation='sdpa', device_map={'': 'cpu'})
 after = rss()
 params = sum(p.numel() * p.element_size() for p in m.parameters())
-print(json.dumps({'before_kb': before, 'after_kb': after, 'param_bytes': params}))
+open(sys.argv[3], 'w').write(json.dumps({'before_kb': before, 'after_kb': after, 'param_bytes': params}))
 """
 
 
 def measure(folder: Path, dtype: str) -> dict:
-    proc = subprocess.Popen([sys.executable, "-c", LOADER, str(folder), dtype], stdout=subprocess.PIPE, text=True)
-    peak = {"anon": 0, "file": 0, "sum": 0}
-    stop = threading.Event()
-
-    def poll() -> None:
-        while not stop.is_set():
-            anon, file = tree_rss_kb(proc.pid)
-            peak["anon"], peak["file"] = max(peak["anon"], anon), max(peak["file"], file)
-            peak["sum"] = max(peak["sum"], anon + file)
-            time.sleep(0.02)
-
-    t0 = time.time()
-    th = threading.Thread(target=poll, daemon=True)
-    th.start()
-    out, _ = proc.communicate()
-    stop.set()
-    th.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"the loader failed ({proc.returncode})")
-    child = json.loads(out.strip().splitlines()[-1])
-    gib = 2**30
+    report = folder.parent / "loader.json"
+    w = watch([sys.executable, "-c", LOADER, str(folder), dtype, str(report)])  # polls every 50 ms
+    child = json.loads(report.read_text())
+    gib, mb = 2**30, 2**20
     base_anon = child["before_kb"]["RssAnon"] * 1024
     return {
-        "load_seconds": round(time.time() - t0, 1),
+        "load_seconds": w["wall_s"],
         "checkpoint_gib": round(sum(p.stat().st_size for p in folder.glob("*.safetensors")) / gib, 3),
         "param_gib": round(child["param_bytes"] / gib, 3),
         "anon_before_load_gib": round(base_anon / gib, 3),
         "file_before_load_gib": round(child["before_kb"]["RssFile"] / 2**20, 3),
-        "peak_anon_gib": round(peak["anon"] * 1024 / gib, 3),
-        "peak_file_gib": round(peak["file"] * 1024 / gib, 3),
-        "peak_rss_gib": round(peak["sum"] * 1024 / gib, 3),
+        "peak_anon_gib": round(w["peak_anon_mb"] * mb / gib, 3),
+        "peak_file_gib": round(w["peak_file_mb"] * mb / gib, 3),
+        "peak_rss_gib": round(w["peak_rss_mb"] * mb / gib, 3),
         "anon_after_load_gib": round(child["after_kb"]["RssAnon"] * 1024 / gib, 3),
         "file_after_load_gib": round(child["after_kb"]["RssFile"] * 1024 / gib, 3),
         # own memory the load needed beyond the interpreter and the loaded parameters
-        "load_overhead_anon_gib": round((peak["anon"] * 1024 - base_anon - child["param_bytes"]) / gib, 3),
+        "load_overhead_anon_gib": round((w["peak_anon_mb"] * mb - base_anon - child["param_bytes"]) / gib, 3),
     }
 
 

@@ -80,20 +80,19 @@ def test_a_quantized_gguf_decodes_a_batch_on_any_cpu() -> None:
     """open_gguf turns llama.cpp's extra CPU buffers off: a natively built llama.cpp on an AMX CPU
     (this suite's Sapphire Rapids machines) segfaulted here in the first batched decode of a quantized
     GGUF (ggml-org/llama.cpp#20824); on CPUs without AMX this is a plain check that decoding works."""
-    import llama_cpp.llama as llama_module
-
     from kmed.modeling import embedded_gguf
 
-    defaults = llama_module.llama_cpp.llama_model_default_params
-    llm = ggufio.isolated(_decode_32, embedded_gguf())  # the shipped GGUF is Q4_1
-    assert llm == 32 * 49152
-    assert llama_module.llama_cpp.llama_model_default_params is defaults  # the wrap is undone
+    assert ggufio.isolated(_decode_32, embedded_gguf()) == 32 * 49152  # the shipped GGUF is Q4_1
 
 
 def _decode_32(path: Path) -> int:
+    """In the worker, as export runs it: 32 tokens in one batch; the wrap of the defaults is undone after."""
+    import llama_cpp.llama as llama_module
     import numpy as np
 
+    defaults = llama_module.llama_cpp.llama_model_default_params
     llm = ggufio.open_gguf(path, logits_all=True)
+    assert llama_module.llama_cpp.llama_model_default_params is defaults
     try:
         llm.eval(list(range(100, 132)))
         scores = np.asarray(llm.scores[:32])
@@ -118,7 +117,7 @@ def test_the_converter_reports_its_own_peak_not_the_parents(tmp_path: Path, smol
                                  tie_word_embeddings=True)).save_pretrained(model_dir)
 
     ballast = bytearray(1500 * 2**20)  # the parent at 1.5 GB+, as export is with a model loaded
-    ballast[:: 4096] = b"x" * len(ballast[:: 4096])
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page
     out = tmp_path / "m.gguf"
     peak = ggufio.convert_f16(model_dir, out)
     assert out.stat().st_size > 0
