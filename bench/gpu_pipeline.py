@@ -19,8 +19,9 @@ model has no meaningful greedy agreement and never says EOS).
 through a wrapper process, and records per stage: wall seconds, peak RSS of the stage's process tree
 (RUSAGE_CHILDREN of the wrapper), peak GPU memory in use (nvidia-smi, polled every 0.2 s), bytes its outputs
 add on disk, the stage's own metrics, and the exit code. One JSON row per stage. The peak RSS is split too (polled
-every 0.2 s over the process tree): RssAnon, the processes' own memory, and RssFile, pages of mapped files
-(safetensors, GGUF) that ru_maxrss counts although the kernel can drop them.
+every 0.2 s): Pss_Anon, the processes' own memory, and Pss_File, pages of mapped files (safetensors, GGUF,
+libraries) that ru_maxrss counts although the kernel can drop them, each summed over the process tree (Pss, so
+that pages a forked worker shares with its parent count once); and the largest single process's RssAnon / RssFile.
 
 Only the standard library at module level (the stages import torch themselves).
 """
@@ -135,9 +136,12 @@ def cmd_adapter(a: argparse.Namespace) -> None:
     print(json.dumps({"mode": "adapter", "tensors": len(tensors), "bytes": du([out])}), flush=True)
 
 
-def tree_rss_kb(root: int) -> tuple[int, int]:
-    """(RssAnon, RssFile) in kB summed over the process tree under `root`: the processes' own memory apart from the
-    pages of mapped files (safetensors, GGUF) that ru_maxrss also counts and the kernel can drop."""
+def tree_rss_kb(root: int) -> tuple[int, int, int, int]:
+    """Memory of the process tree under `root` in kB: (Pss_Anon, Pss_File) summed over the tree, and the largest
+    single process's (RssAnon, RssFile). Anon is the processes' own memory; File the pages of mapped files
+    (safetensors, GGUF, libraries) that ru_maxrss also counts and the kernel can drop. Pss, not Rss, for the sums:
+    forked workers (datasets' Map with num_proc, compile pools) share their parent's pages copy-on-write, and a
+    sum of Rss counts those pages once per process."""
     kids: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -145,20 +149,23 @@ def tree_rss_kb(root: int) -> tuple[int, int]:
                 kids.setdefault(int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(d))
             except (OSError, IndexError, ValueError):
                 continue
-    anon = file = 0
+    pss_anon = pss_file = top_anon = top_file = 0
     stack = [root]
     while stack:
         pid = stack.pop()
         try:
-            for ln in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if ln.startswith("RssAnon:"):
-                    anon += int(ln.split()[1])
-                elif ln.startswith("RssFile:"):
-                    file += int(ln.split()[1])
-        except OSError:
-            pass
+            f = {ln.split(":")[0]: int(ln.split()[1]) for ln in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                 if ln.startswith(("Pss_Anon:", "Pss_File:"))}
+            r = {ln.split(":")[0]: int(ln.split()[1]) for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                 if ln.startswith(("RssAnon:", "RssFile:"))}
+        except (OSError, IndexError, ValueError):
+            f, r = {}, {}
+        pss_anon += f.get("Pss_Anon", 0)
+        pss_file += f.get("Pss_File", 0)
+        if r.get("RssAnon", 0) + r.get("RssFile", 0) > top_anon + top_file:
+            top_anon, top_file = r.get("RssAnon", 0), r.get("RssFile", 0)
         stack += kids.get(pid, [])
-    return anon, file
+    return pss_anon, pss_file, top_anon, top_file
 
 
 def gpu_used_mib() -> int:
@@ -176,15 +183,15 @@ def run_stage(name: str, work: Path, shape: str) -> dict[str, Any]:
     before = du(out_paths)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", KMED_MLFLOW="0",
                PYTHONUNBUFFERED="1")
-    idle, peak, stop = gpu_used_mib(), [0, 0, 0], threading.Event()
+    idle, peak, stop = gpu_used_mib(), [0, 0, 0, 0, 0], threading.Event()
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-c", WRAP, sys.executable, *cmd], cwd=work, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def poll() -> None:
         while not stop.is_set():
-            anon, file = tree_rss_kb(proc.pid)
-            peak[:] = [max(peak[0], gpu_used_mib()), max(peak[1], anon), max(peak[2], file)]
+            mem = tree_rss_kb(proc.pid)
+            peak[:] = [max(peak[0], gpu_used_mib()), *(max(a, b) for a, b in zip(peak[1:], mem, strict=True))]
             stop.wait(0.2)
 
     th = threading.Thread(target=poll, daemon=True)
@@ -202,6 +209,7 @@ def run_stage(name: str, work: Path, shape: str) -> dict[str, Any]:
     row = {"mode": "pipeline", "shape": shape, "stage": name, "rc": wrap["rc"], "secs": round(secs, 1),
            "peak_rss_gib": round(wrap["maxrss_kb"] / 2**20, 2),
            "peak_anon_gib": round(peak[1] / 2**20, 2), "peak_file_gib": round(peak[2] / 2**20, 2),
+           "top_proc_anon_gib": round(peak[3] / 2**20, 2), "top_proc_file_gib": round(peak[4] / 2**20, 2),
            "peak_gpu_gib": round((peak[0] - max(idle, 0)) / 1024, 2) if peak[0] > 0 else None,
            "disk_gib": round((du(out_paths) - before) / 2**30, 2), "metrics": metrics,
            "date": time.strftime("%Y-%m-%d"), "gpu": gpu_name()}

@@ -5,6 +5,7 @@
 #                                        # random-weight Qwen2.5-7B (NF4 base): sft-stage1 .. merge@stage2
 #   bash bench/gpu_proof.sh eval7b export7b  # evaluate (capped to 12 GB: merged models load nf4); export (f16 + q4_k_m GGUF, llama.cpp on the GPU)
 #                                        # export7b without a pipe7b workdir: 7B base + random adapter + merge@stage1 as the source
+#   LCP_BUILD=0 bash bench/gpu_proof.sh pipe7b  # no llama.cpp build beside the stages (export7b needs it)
 #   bash bench/gpu_proof.sh merge14b   # Qwen2.5-14B: a random adapter, then merge@stage1 alone (memory flat in size)
 #   bash bench/gpu_proof.sh eval32b    # Qwen2.5-32B NF4 base as all three models of evaluate, capped to 24 GB
 # Carry [".whl", ".gpu_carry"] (.whl from ../shared/gpu/wheels.sh; .gpu_carry: the SmolLM2 tokenizer files,
@@ -27,6 +28,7 @@ setup)
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$B/site" .whl/*.whl
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
   free -g | tee -a "$OUT/gpu.txt"; df -h "$B" | tee -a "$OUT/gpu.txt"; nproc | tee -a "$OUT/gpu.txt"
+  [ "${LCP_BUILD:-1}" = 0 ] && { echo "llama-cpp-python build skipped (LCP_BUILD=0)"; continue; }
   rm -rf "$B/lcp-src" && mkdir -p "$B/lcp-src" && tar xzf .gpu_carry/llama_cpp_python-*.tar.gz -C "$B/lcp-src"
   (cd "$B"/lcp-src/llama_cpp_python-* && setsid nohup bash -c 't0=$(date +%s);
     CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
