@@ -33,7 +33,6 @@ class StageError(RuntimeError):
     """An expected failure with a one-sentence message (bad input, failed check, NaN loss...)."""
 
 
-
 def gpu_free_planned(free: int, reserved: int = 0) -> int:
     """GPU bytes a stage plans with: `free` as CUDA reports it, capped at KMED_GPU_MEM_GB GiB less the `reserved`
     bytes this process's torch already holds. The cap is a machine fact, not a recipe param (e.g. 24 to behave
