@@ -48,7 +48,7 @@ def watch(cmd: list[str]) -> dict[str, float]:
 
     def poll() -> None:
         while not done.is_set():
-            anon, file = tree_rss_kb(proc.pid)
+            _, _, anon, file = tree_rss_kb(proc.pid)  # the largest process's RssAnon, RssFile
             for k, v in (("VmRSS", anon + file), ("RssAnon", anon), ("RssFile", file)):
                 peak[k] = max(peak[k], v)
             done.wait(0.05)
@@ -61,7 +61,8 @@ def watch(cmd: list[str]) -> dict[str, float]:
     done.set()
     th.join()
     if proc.returncode != 0:
-        raise SystemExit(f"{cmd[:3]} failed: {err.strip().splitlines()[-1:] or proc.returncode}")
+        last = err.strip().splitlines()[-1:] or [""]
+        raise SystemExit(f"{Path(cmd[0]).name} exited with {proc.returncode}: {last[0][-160:]}")
     return {"wall_s": round(time.time() - t0, 1), "ru_maxrss_mb": round(usage.ru_maxrss / 1024, 1),
             "peak_rss_mb": round(peak["VmRSS"] / 1024, 1),
             "peak_anon_mb": round(peak["RssAnon"] / 1024, 1), "peak_file_mb": round(peak["RssFile"] / 1024, 1)}
