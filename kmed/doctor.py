@@ -495,21 +495,17 @@ def export_needs(params: Params, arch: Arch, root: Path, planning: bool, cuda: b
     disk = output_disk(root, "models/export", kept, planning=planning)
     disk[0] = (disk[0][0], disk[0][1] + (peak - kept))
     how = "2·P f16 + " + " + ".join(f"{GGUF_BYTES[q]}·P {q}" for q in quants) if quants else "2·P f16"
-    conv = convert_ram_bytes(arch)
-    conv_how = "llama.cpp's converter beside the stage: 2 GB + 6 bytes × the largest tensor's elements"
     if cuda:
         n = max(params.model.max_seq_length + ec.parity_tokens, ec.check_max_tokens)
         what = "merged model (parity reference)"
         mem = infer_gpu_needs(params, arch, root, 1, n, ec.check_max_tokens, what)
-        ram = next(m for m in mem if m.resource == "RAM")
-        if conv > (ram.need or 0):
-            ram.need, ram.what, ram.how = conv, "converting to GGUF", conv_how
     else:
-        ram = Need("RAM", "host", "merged model in fp32 (parity reference)", 4 * P + BASE_RAM, mem_available(),
-                   "4·P + 1 GB (freed before llama.cpp's conversion, which needs less)")
-        if conv > (ram.need or 0):
-            ram.need, ram.what, ram.how = conv, "converting to GGUF", conv_how
-        mem = [ram]
+        mem = [Need("RAM", "host", "merged model in fp32 (parity reference)", 4 * P + BASE_RAM, mem_available(),
+                    "4·P + 1 GB (freed before llama.cpp's conversion)")]
+    ram, conv = next(m for m in mem if m.resource == "RAM"), convert_ram_bytes(arch)
+    if conv > (ram.need or 0):  # the reference is gone by then: RAM is the larger of the two phases
+        ram.need, ram.what = conv, "converting to GGUF"
+        ram.how = "llama.cpp's converter beside the stage: 2 GB + 6 bytes × the largest tensor's elements"
     return mem + disk_needs(disk, root, how)
 
 
