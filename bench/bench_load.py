@@ -103,18 +103,20 @@ def measure(folder: Path, dtype: str, limit_gib: float | None = None) -> dict:
     report = folder.parent / "loader.json"
     report.unlink(missing_ok=True)
     evict(folder)
-    cg = Cgroup(int(limit_gib * 2**30)) if limit_gib else None
+    if not limit_gib:
+        return load_row(folder, report, watch([sys.executable, "-c", LOADER, str(folder), dtype, str(report), ""]))
+    cg = Cgroup(int(limit_gib * 2**30))
     try:
-        w = watch([sys.executable, "-c", LOADER, str(folder), dtype, str(report), str(cg.procs) if cg else ""])
+        w = watch([sys.executable, "-c", LOADER, str(folder), dtype, str(report), str(cg.procs)])
     except SystemExit as e:  # killed under the cap: what the row reports, not an error of the bench
-        if cg is None:
-            raise
-        stats = cg.stats()
+        return {"mem_limit_gib": limit_gib, "completed": False, "error": str(e), **cg.stats()}
+    else:
+        return {**load_row(folder, report, w), "mem_limit_gib": limit_gib, "completed": True, **cg.stats()}
+    finally:
         cg.remove()
-        return {"mem_limit_gib": limit_gib, "completed": False, "error": str(e), **stats}
-    limited = {"mem_limit_gib": limit_gib, "completed": True, **cg.stats()} if cg else {}
-    if cg:
-        cg.remove()
+
+
+def load_row(folder: Path, report: Path, w: dict) -> dict:
     child = json.loads(report.read_text())
     gib, mb = 2**30, 2**20
     base_anon = child["before_kb"]["RssAnon"] * 1024
@@ -131,7 +133,6 @@ def measure(folder: Path, dtype: str, limit_gib: float | None = None) -> dict:
         "file_after_load_gib": round(child["after_kb"]["RssFile"] * 1024 / gib, 3),
         # own memory the load needed beyond the interpreter and the loaded parameters
         "load_overhead_anon_gib": round((w["peak_anon_mb"] * mb - base_anon - child["param_bytes"]) / gib, 3),
-        **limited,
     }
 
 
