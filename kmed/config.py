@@ -137,6 +137,9 @@ class EvalDataCfg(_Frozen):
 
 class DataCfg(_Frozen):
     system_prompt: str
+    # seed: the seed's R1 prompt (### Instruction / ### Question / ### Response), exported as the chat
+    # template; chat_template: the base model's own chat template (what TRL and Axolotl do). kmed/prompt.py
+    prompt_format: Literal["seed", "chat_template"] = "seed"
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     seed: int = 3407
     # Records longer than model.max_seq_length tokens: drop them, or shorten the CoT to fit. The answer
@@ -209,8 +212,33 @@ def size_bytes(size: str) -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
+class GenerateCfg(_Frozen):
+    """Decoding defaults carried by every artifact (generation_config.json, GGUF, Modelfile, card, serve)
+    and used by evaluate's sampled generations. `auto` = the base's generation_config.json, else R1's."""
+
+    do_sample: bool | Literal["auto"] = "auto"
+    temperature: float | Literal["auto"] = Field("auto")
+    top_p: float | Literal["auto"] = Field("auto")
+    max_new_tokens: int = Field(1024, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> GenerateCfg:
+        if self.temperature != "auto" and not 0 < self.temperature <= 5:
+            raise ValueError("generate.temperature must be in (0, 5] (for greedy decoding set do_sample: false)")
+        if self.top_p != "auto" and not 0 < self.top_p <= 1:
+            raise ValueError("generate.top_p must be in (0, 1]")
+        return self
+
+
 class EvaluateCfg(_Frozen):
     models: tuple[Literal["base", "stage1", "stage2"], ...] = ("base", "stage1", "stage2")
+    # sampled: `samples` seeded samples per prompt under the `generate` defaults (how R1 models are used;
+    # pass@1 = the mean over samples); greedy: one deterministic decode (like-for-like PR comparisons).
+    decoding: Literal["sampled", "greedy"] = "sampled"
+    samples: int = Field(4, ge=1)
+    # Seeds the MCQ sample and the sampled generations (sample j uses seed + j); not train.seed, so
+    # changing the training seed does not change what is evaluated.
+    seed: int = 3407
     mcq_limit: int | None = Field(None, ge=1)
     mcq_generate: bool = False
     gen_limit: int = Field(8, ge=0)
@@ -277,6 +305,7 @@ class Params(_Frozen):
     sft_stage1: SftStageCfg = SftStageCfg()
     sft_stage2: SftStageCfg = SftStageCfg(init="merge_then_new_adapter")
     merge: MergeCfg = MergeCfg()
+    generate: GenerateCfg = GenerateCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
     export: ExportCfg = ExportCfg()
     mlflow: MlflowCfg = MlflowCfg()

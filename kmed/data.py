@@ -5,8 +5,8 @@ task's schema, normalised, scanned for Korean PII, de-duplicated, kept apart fro
 split by a hash of its question, rendered into a prompt/completion pair and measured in tokens.
 Every bad input stops the stage with a StageError of one sentence naming the file, row and column.
 
-`render_prompt` and `render_completion` are the one definition of the training format; evaluate
-imports them so that what it asks the model is byte-for-byte what the model was trained on.
+The training format itself (`render_prompt`, `render_completion`, the chat template) lives in
+kmed/prompt.py, which evaluate, export and serve import too.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 
 from kmed.config import DataCfg, Params, SourceCfg, StageDataCfg
 from kmed.io import StageError, write_jsonl
+from kmed.prompt import Prompter, render_completion, render_prompt  # noqa: F401  (render_prompt: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +71,6 @@ FOLDER_GLOBS = {
 MAX_XLSX_RATIO = 100.0
 PROGRESS_MIN_ROWS = 20_000
 TOKENIZE_BATCH = 2048
-
-
-# --------------------------------------------------------------------------- rendering
-
-
-def render_prompt(system: str, question: str) -> str:
-    """The masked part of a training example (no loss on it)."""
-    return f"### Instruction:\n{system}\n\n### Question:\n{question}\n\n### Response:\n"
-
-
-def render_completion(cot: str | None, answer: str, eos: str) -> str:
-    """The trained part: R1-style `<think>` block (when cot is not None), the answer and the EOS."""
-    return f"<think>\n{cot}\n</think>\n{answer}{eos}" if cot is not None else f"{answer}{eos}"
 
 
 # --------------------------------------------------------------------------- text helpers
@@ -1264,9 +1252,10 @@ def build_stage(
     recs: list[_Rec] = []
     for row in rows:
         recs.extend(_records(row, tasks[row.source], scfg.translation_direction, cfg.think_for_non_reasoning))
+    prompter = Prompter(cfg.prompt_format, cfg.system_prompt, tokenizer)
     for r in recs:
-        r.prompt = render_prompt(cfg.system_prompt, r.question)
-        r.completion = render_completion(r.cot, r.answer, eos)
+        r.prompt = prompter.prompt(r.question)
+        r.completion = prompter.completion(r.prompt, r.cot, r.answer)
 
     # Token lengths with the base tokenizer. An overlong record is dropped, or (truncate) kept with its
     # CoT shortened to no fewer than min_cot_tokens; the answer is never cut.
@@ -1289,7 +1278,7 @@ def build_stage(
                 if r.task == "reasoning":
                     lost[cut] += 1
                 continue
-            r.completion, r.n_tokens, r.truncated = cut[0], a + cut[1], True
+            r.completion, r.n_tokens, r.truncated = prompter.after_prompt(r.prompt, cut[0]), a + cut[1], True
             by_src[r.source]["truncated"] += 1
             truncated += 1
         fitted.append(r)

@@ -197,7 +197,7 @@ def main() -> None:
     log.info("evaluate: resolved config %s", json.dumps(sec, ensure_ascii=False))
     import torch
 
-    torch.manual_seed(params.train.seed)
+    torch.manual_seed(ec.seed)
 
     # Data: the held-out sets written by preprocess.
     root = Path("data/processed")
@@ -208,7 +208,7 @@ def main() -> None:
     val1, val2 = read_jsonl(need[2]), read_jsonl(need[3])
     all_mcq = read_jsonl(need[0])
     sets = {
-        "mcq": stratified_sample(all_mcq, ec.mcq_limit, params.train.seed),
+        "mcq": stratified_sample(all_mcq, ec.mcq_limit, ec.seed),
         "koen": read_jsonl(need[1])[: ec.translation_limit],
         "val_stage1": val1[: ec.val_limit], "val_stage2": val2[: ec.val_limit],
         "format_questions": [_question(r["prompt"]) for r in val1][: ec.gen_limit],
