@@ -219,6 +219,7 @@ class GenerateCfg(_Frozen):
     do_sample: bool | Literal["auto"] = "auto"
     temperature: float | Literal["auto"] = Field("auto")
     top_p: float | Literal["auto"] = Field("auto")
+    top_k: int | Literal["auto"] = "auto"   # 0 = no top-k cut
     max_new_tokens: int = Field(1024, ge=1)
 
     @model_validator(mode="after")
@@ -227,6 +228,8 @@ class GenerateCfg(_Frozen):
             raise ValueError("generate.temperature must be in (0, 5] (for greedy decoding set do_sample: false)")
         if self.top_p != "auto" and not 0 < self.top_p <= 1:
             raise ValueError("generate.top_p must be in (0, 1]")
+        if self.top_k != "auto" and self.top_k < 0:
+            raise ValueError("generate.top_k must be 0 (no cut) or more")
         return self
 
 
@@ -259,6 +262,9 @@ class ExportCfg(_Frozen):
     # A chat completion of each GGUF must end at EOS (proves the chat template and stop token). Off
     # only for random-weight benchmarks (bench/gpu_pipeline.py), which never say EOS.
     chat_must_stop: bool = True
+    # Share of the 4 seeded chat completions (llama.cpp, the GGUF's template, the decoding defaults) that
+    # must be one <think>…</think> block and an answer ending at EOS. 0 for untrained/random-weight models.
+    min_chat_format_ok: float = Field(0.5, ge=0, le=1)
     min_token_agreement: dict[str, float] = Field(default_factory=dict)
     max_ppl_delta: dict[str, float] = Field(default_factory=dict)
     push_to_hub: bool = False

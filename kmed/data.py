@@ -1159,6 +1159,7 @@ def _as_dict(r: _Rec) -> dict[str, Any]:
         "source": r.source,
         "task": r.task,
         "lang": detect_lang(r.question),
+        "question": r.question,  # what evaluate asks again, in whatever prompt format
         "prompt": r.prompt,
         "completion": r.completion,
         "n_prompt_tokens": r.n_prompt,

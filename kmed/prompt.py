@@ -20,7 +20,8 @@ from typing import Any
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # DeepSeek-R1's published decoding (its generation_config.json and model card: greedy decoding loops).
-R1_DECODING: dict[str, Any] = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
+# top_k 0 = no top-k cut (R1 names none; transformers would otherwise apply 50, llama.cpp 40).
+R1_DECODING: dict[str, Any] = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 0}
 
 
 def render_prompt(system: str, question: str) -> str:
@@ -128,6 +129,6 @@ def decoding(gen: Any, base_dir: Path | None) -> dict[str, Any]:
         v = getattr(gen, k)
         out[k] = (base.get(k, r1) if v == "auto" else v)
     out["do_sample"] = bool(out["do_sample"])
-    out["temperature"], out["top_p"] = float(out["temperature"]), float(out["top_p"])
+    out["temperature"], out["top_p"], out["top_k"] = float(out["temperature"]), float(out["top_p"]), int(out["top_k"])
     out["max_new_tokens"] = int(gen.max_new_tokens)
     return out
