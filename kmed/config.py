@@ -131,8 +131,23 @@ class StageDataCfg(_Frozen):
 
 
 class EvalDataCfg(_Frozen):
-    mcq: SourceCfg
+    # One source or a list of them (e.g. KorMedMCQA's CSVs from two releases), read in order and
+    # de-duplicated together.
+    mcq: SourceCfg | tuple[SourceCfg, ...]
     koen: SourceCfg
+
+    @property
+    def mcq_sources(self) -> tuple[SourceCfg, ...]:
+        return self.mcq if isinstance(self.mcq, tuple) else (self.mcq,)
+
+    @model_validator(mode="after")
+    def _sources(self) -> EvalDataCfg:
+        names = [s.name for s in self.mcq_sources]
+        if not names:
+            raise ValueError("data.eval.mcq must name at least one source")
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.eval.mcq source names must be unique (got {', '.join(names)})")
+        return self
 
 
 class DataCfg(_Frozen):
@@ -297,11 +312,17 @@ class Params(_Frozen):
 
 
 def _loc(err: dict[str, Any]) -> str:
-    return ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    # Validator and union-branch tags ("function-after[...]", "tuple[...]") are not keys the user wrote.
+    return ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tuple[")))
+
+
+# A union (data.eval.mcq: one source or a list) reports each branch the input is not, before the real error.
+_BRANCH_MISMATCH = ("model_type", "tuple_type")
 
 
 def _sentence(path: Path, exc: ValidationError) -> str:
-    err = exc.errors()[0]
+    errs = exc.errors()
+    err = next((e for e in errs if e["type"] not in _BRANCH_MISMATCH), errs[0])
     key = _loc(err)
     if err["type"] == "extra_forbidden":
         return f"{path}: unknown key {key!r}."

@@ -308,13 +308,40 @@ def _norm_header(h: Any) -> str:
     return unicodedata.normalize("NFC", "" if h is None else str(h)).strip()
 
 
+class FieldMap(dict[str, str]):
+    """Schema field -> source column, remembering the fields that `fields` left unmapped (they read the
+    column of their own name)."""
+
+    def __init__(self, cols: dict[str, str], defaulted: Iterable[str] = ()) -> None:
+        super().__init__(cols)
+        self.defaulted = frozenset(defaulted)
+
+
 def _missing_columns(
-    label: str, wanted: dict[str, str], required: dict[str, bool], found: Sequence[str]
+    label: str,
+    wanted: dict[str, str],
+    required: dict[str, bool],
+    found: Sequence[str],
+    sheets_hint: str = "",
 ) -> None:
+    defaulted = wanted.defaulted if isinstance(wanted, FieldMap) else frozenset()
+    for f in defaulted:
+        # medical-o1 holds both `question` (the source MCQ stem) and `Question` (what the CoT answers):
+        # the default name must not pick one of them unasked.
+        col = wanted[f]
+        variants = [c for c in found if c != col and c.casefold() == col.casefold()]
+        if variants:
+            has = "also has" if col in found else "lacks it but has"
+            raise StageError(
+                f"{label}: fields does not map {f!r}, so it would read the column {col!r}, but the file {has} "
+                f"{_q(variants)}; map it explicitly (fields: {{{f}: {variants[0]}}} or {{{f}: {col}}})."
+            )
     missing = [col for f, col in wanted.items() if required[f] and col not in found]
     if missing:
         word = "column" if len(missing) == 1 else "columns"
-        raise StageError(f"{label}: missing {word} {_q(missing)} (found: {_q(found) or 'none'}).")
+        raise StageError(
+            f"{label}: missing {word} {_q(missing)} (found: {_q(found) or 'none'}){sheets_hint}."
+        )
 
 
 def _progress(it: Iterable[Any], total: int | None, desc: str) -> Iterable[Any]:
@@ -603,6 +630,12 @@ def _iter_xlsx(
     try:
         sheets = _pick_sheets(wb, src.sheet, label)
         formulas = _formula_cells(path, sheets, wanted) if _has_formulas(path) else {}
+        # AI Hub workbooks often open with a description sheet: say which param reads only the data.
+        hint = (
+            f"; set sheet: on source {src.name!r} to the sheet that holds them (sheets: {_q(wb.sheetnames)})"
+            if len(wb.sheetnames) > 1
+            else ""
+        )
         for name in sheets:
             ws = wb[name]
             ws.reset_dimensions()  # dimension tags written by other tools are often wrong
@@ -614,7 +647,7 @@ def _iter_xlsx(
                 if header is None:
                     if values and any(v is not None and str(v).strip() for v in values):
                         header = [_norm_header(v) for v in values]
-                        _missing_columns(where, wanted, required, [h for h in header if h])
+                        _missing_columns(where, wanted, required, [h for h in header if h], hint)
                         index = {h: j for j, h in reversed(list(enumerate(header)))}
                         cols = {c: index[c] for c in wanted.values() if c in index}
                     continue
@@ -707,11 +740,14 @@ def source_fields(src: SourceCfg) -> dict[str, str]:
         raise StageError(
             f"source {src.name!r}: fields names {_q(unknown)}, not in the {src.task} schema ({', '.join(schema)})."
         )
-    return {
-        f: unicodedata.normalize("NFC", src.fields.get(f, f)).strip()
-        for f in schema
-        if f not in MAPPED_ONLY or f in src.fields
-    }
+    return FieldMap(
+        {
+            f: unicodedata.normalize("NFC", src.fields.get(f, f)).strip()
+            for f in schema
+            if f not in MAPPED_ONLY or f in src.fields
+        },
+        defaulted=[f for f in schema if f not in src.fields and f not in MAPPED_ONLY],
+    )
 
 
 def read_source(src: SourceCfg, root: Path, max_xlsx_mb: float) -> tuple[list[Row], int]:
@@ -879,18 +915,20 @@ class EvalSets:
 def build_eval(cfg: DataCfg, root: Path) -> EvalSets:
     """Held-out MCQ and Ko-En pairs, plus the match keys that train/val must never contain."""
     metrics: dict[str, Any] = {}
-    if cfg.eval.mcq.task != "mcq":
-        raise StageError(
-            f"data.eval.mcq source {cfg.eval.mcq.name!r} must have task 'mcq', not {cfg.eval.mcq.task!r}."
-        )
+    for src in cfg.eval.mcq_sources:
+        if src.task != "mcq":
+            raise StageError(f"data.eval.mcq source {src.name!r} must have task 'mcq', not {src.task!r}.")
     if cfg.eval.koen.task not in ("pairs", "translation"):
         raise StageError(
             f"data.eval.koen source {cfg.eval.koen.name!r} must have task 'pairs', not {cfg.eval.koen.task!r}."
         )
     pii: Counter[str] = Counter()
 
-    rows, blank = read_source(cfg.eval.mcq, root, cfg.max_xlsx_mb)
-    metrics[f"eval.rows_in.{cfg.eval.mcq.name}"] = len(rows) + blank
+    rows = []
+    for src in cfg.eval.mcq_sources:
+        got, blank = read_source(src, root, cfg.max_xlsx_mb)
+        metrics[f"eval.rows_in.{src.name}"] = len(got) + blank
+        rows += got
     apply_pii(rows, cfg.pii, pii)
     mcq, mcq_dups = mcq_items(rows)
     metrics["eval.mcq_rows"] = len(mcq)
@@ -1507,7 +1545,11 @@ def data_report(params: Params, built: Built) -> str:
         "",
         "| set | source | rows in | rows out |",
         "|---|---|---:|---:|",
-        f"| mcq | {cfg.eval.mcq.name} | {metrics.get('eval.rows_in.' + cfg.eval.mcq.name, 0)} | {metrics.get('eval.mcq_rows', 0)} |",
+        *(
+            f"| mcq | {s.name} | {metrics.get('eval.rows_in.' + s.name, 0)} "
+            f"| {sum(r['source'] == s.name for r in built.files.get('eval/mcq.jsonl', []))} |"
+            for s in cfg.eval.mcq_sources
+        ),
         f"| koen | {cfg.eval.koen.name} | {metrics.get('eval.rows_in.' + cfg.eval.koen.name, 0)} | {metrics.get('eval.koen_rows', 0)} |",
         "",
         f"Duplicates dropped: {metrics.get('eval.dropped.duplicate', 0)} (mcq: "

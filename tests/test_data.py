@@ -287,6 +287,28 @@ def test_csv_and_jsonl_missing_columns(tmp_path: Path) -> None:
     )
 
 
+def test_unmapped_field_with_a_case_variant_is_refused(tmp_path: Path) -> None:
+    # medical-o1: `question` is the source MCQ stem, `Question` the question the CoT answers.
+    rec = {"question": "stem", "Question": "rewritten", "Complex_CoT": "c", "Response": "r"}
+    (tmp_path / "m.json").write_text(json.dumps([rec, rec]), encoding="utf-8")
+    partial = {"cot": "Complex_CoT", "answer": "Response"}
+    msg = error_of(read, tmp_path, one_source(tmp_path, "json", "m.json", "reasoning", partial))
+    assert msg == (
+        "m.json record 1: fields does not map 'question', so it would read the column 'question', but the "
+        "file also has 'Question'; map it explicitly (fields: {question: Question} or {question: question})."
+    )
+    for q in ("Question", "question"):  # either explicit choice is read as asked
+        rows = read(tmp_path, one_source(tmp_path, "json", "m.json", "reasoning", {**partial, "question": q}))
+        assert rows[0].values["question"] == rec[q]
+    # An optional field: `Input` must not be skipped silently because `input` is absent.
+    wcsv(tmp_path / "i.csv", ["instruction", "Input", "output"], [["a", "b", "c"]])
+    msg = error_of(read, tmp_path, one_source(tmp_path, "csv", "i.csv", "instruction", {}))
+    assert msg.startswith(
+        "i.csv: fields does not map 'input', so it would read the column 'input', but the file lacks it but has "
+        "'Input'; map it explicitly"
+    )
+
+
 def test_xlsx_formula_without_cached_value_names_cell(tmp_path: Path) -> None:
     wxlsx(
         tmp_path / "f.xlsx",
@@ -352,6 +374,20 @@ def test_wrong_sheet_name_and_selected_sheet(tmp_path: Path) -> None:
     assert msg == "w.xlsx: there is no sheet named 'Sheet1' (sheets: 'daily', 'med')."
     rows = read(tmp_path, one_source(tmp_path, "xlsx", "w.xlsx", "translation", T_FIELDS, sheet="med"))
     assert [r.values["ko"] for r in rows] == ["두통"]
+
+
+def test_xlsx_description_sheet_error_names_the_sheet_param(tmp_path: Path) -> None:
+    wxlsx(
+        tmp_path / "a.xlsx",
+        {"설명": [["이 파일은 한영 말뭉치입니다."]], "Sheet1": [["원문", "번역문"], ["두통", "headache"]]},
+    )
+    msg = error_of(read, tmp_path, one_source(tmp_path, "xlsx", "a.xlsx", "translation", T_FIELDS))
+    assert msg == (
+        "a.xlsx sheet '설명': missing columns '원문', '번역문' (found: '이 파일은 한영 말뭉치입니다.'); set sheet: "
+        "on source 'x' to the sheet that holds them (sheets: '설명', 'Sheet1')."
+    )
+    rows = read(tmp_path, one_source(tmp_path, "xlsx", "a.xlsx", "translation", T_FIELDS, sheet="Sheet1"))
+    assert [r.values["en"] for r in rows] == ["headache"]
 
 
 def test_xlsx_folder_reads_all_files_and_sheets_in_order(tmp_path: Path) -> None:
@@ -689,6 +725,24 @@ def test_mcq_id_takes_part_in_dedup_only_when_mapped(tmp_path: Path, smol_tokeni
     assert len(mcq) == 2 and mcq[0]["id"] != mcq[1]["id"]  # two exam items that share their text
     p = make_params(tmp_path, mcq=src("m", "csv", "m.csv", "mcq", fields))  # the id column is not read
     assert len(D.build_datasets(p, smol_tokenizer, tmp_path).files["eval/mcq.jsonl"]) == 1
+
+
+def test_eval_mcq_accepts_a_list_of_sources(tmp_path: Path, smol_tokenizer: Any) -> None:
+    _letter_and_integer_copies(tmp_path)
+    fields = {**MCQ_FIELDS, "subject": "subject"}
+    lists = [
+        src("letters", "csv", "kmcq/letter.csv", "mcq", fields),
+        src("numbers", "csv", "kmcq/number.csv", "mcq", fields),
+    ]
+    b = D.build_datasets(make_params(tmp_path, mcq=lists), smol_tokenizer, tmp_path)
+    assert len(b.files["eval/mcq.jsonl"]) == 6  # the two sources are de-duplicated together
+    assert (b.metrics["eval.rows_in.letters"], b.metrics["eval.rows_in.numbers"]) == (6, 6)
+    report = D.data_report(make_params(tmp_path, mcq=lists), b)
+    assert "| mcq | letters | 6 | 6 |" in report and "| mcq | numbers | 6 | 0 |" in report
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="source names must be unique"):
+        make_params(tmp_path, mcq=[lists[0], lists[0]])
 
 
 # --------------------------------------------------------------------------- duplicates, overlap, split
