@@ -112,6 +112,9 @@ class SourceCfg(_Frozen):
     limit: int | None = Field(None, ge=1)
     weight: float = Field(1.0, gt=0)
     task: Literal["reasoning", "instruction", "translation", "mcq", "pairs"]
+    # A training source that ends with no records (every row blank, a duplicate, an eval item or over
+    # length) fails preprocess unless this says it may (then it is logged as a warning).
+    allow_empty: bool = False
 
     @model_validator(mode="after")
     def _where(self) -> SourceCfg:
@@ -147,6 +150,11 @@ class EvalDataCfg(_Frozen):
             raise ValueError("data.eval.mcq must name at least one source")
         if len(set(names)) != len(names):
             raise ValueError(f"data.eval.mcq source names must be unique (got {', '.join(names)})")
+        for s in (*self.mcq_sources, self.koen):
+            if s.allow_empty:
+                raise ValueError(
+                    f"eval source {s.name!r}: allow_empty is for training sources (an eval set needs items)"
+                )
         return self
 
 
@@ -163,6 +171,13 @@ class DataCfg(_Frozen):
     # The stage fails when more than this share of its reasoning records lose their CoT to the length
     # limit (dropped as overlong, either mode): max_seq_length is then too short for the data.
     max_cot_loss_share: float = Field(0.1, ge=0, le=1)
+    # truncate also drops a record whose CoT would keep less than this share of its tokens (a CoT cut to
+    # a tenth ends mid-sentence and teaches reasoning that stops short); such records count as CoT lost.
+    min_cot_keep_share: float = Field(0.25, ge=0, le=1)
+    # Every source, every task: the stage fails when a source loses more than this share of its records
+    # (blank rows, rows equal to an eval item, records over the length limit, emptied CoTs; duplicates
+    # and weight < 1 are not losses), or ends with none unless the source sets allow_empty.
+    max_loss_share: float = Field(0.2, ge=0, le=1)
     # Korean resident registration / phone numbers: mask them, fail the stage, or leave (not advised).
     pii: Literal["mask", "fail", "off"] = "mask"
     # Non-reasoning records (instructions, translations) get an empty <think></think> so the
