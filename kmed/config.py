@@ -112,6 +112,9 @@ class SourceCfg(_Frozen):
     limit: int | None = Field(None, ge=1)
     weight: float = Field(1.0, gt=0)
     task: Literal["reasoning", "instruction", "translation", "mcq", "pairs"]
+    # A training source that ends with no records (every row blank, a duplicate, an eval item or over
+    # length) fails preprocess unless this says it may (then it is logged as a warning).
+    allow_empty: bool = False
 
     @model_validator(mode="after")
     def _where(self) -> SourceCfg:
@@ -131,8 +134,28 @@ class StageDataCfg(_Frozen):
 
 
 class EvalDataCfg(_Frozen):
-    mcq: SourceCfg
+    # One source or a list of them (e.g. KorMedMCQA's CSVs from two releases), read in order and
+    # de-duplicated together.
+    mcq: SourceCfg | tuple[SourceCfg, ...]
     koen: SourceCfg
+
+    @property
+    def mcq_sources(self) -> tuple[SourceCfg, ...]:
+        return self.mcq if isinstance(self.mcq, tuple) else (self.mcq,)
+
+    @model_validator(mode="after")
+    def _sources(self) -> EvalDataCfg:
+        names = [s.name for s in self.mcq_sources]
+        if not names:
+            raise ValueError("data.eval.mcq must name at least one source")
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.eval.mcq source names must be unique (got {', '.join(names)})")
+        for s in (*self.mcq_sources, self.koen):
+            if s.allow_empty:
+                raise ValueError(
+                    f"eval source {s.name!r}: allow_empty is for training sources (an eval set needs items)"
+                )
+        return self
 
 
 class DataCfg(_Frozen):
@@ -151,6 +174,13 @@ class DataCfg(_Frozen):
     # The stage fails when more than this share of its reasoning records lose their CoT to the length
     # limit (dropped as overlong, either mode): max_seq_length is then too short for the data.
     max_cot_loss_share: float = Field(0.1, ge=0, le=1)
+    # truncate also drops a record whose CoT would keep less than this share of its tokens (a CoT cut to
+    # a tenth ends mid-sentence and teaches reasoning that stops short); such records count as CoT lost.
+    min_cot_keep_share: float = Field(0.25, ge=0, le=1)
+    # Every source, every task: the stage fails when a source loses more than this share of its records
+    # (blank rows, rows equal to an eval item, records over the length limit, emptied CoTs; duplicates
+    # and weight < 1 are not losses), or ends with none unless the source sets allow_empty.
+    max_loss_share: float = Field(0.2, ge=0, le=1)
     # Korean resident registration / phone numbers: mask them, fail the stage, or leave (not advised).
     pii: Literal["mask", "fail", "off"] = "mask"
     # Non-reasoning records (instructions, translations) get an empty <think></think> so the
@@ -332,11 +362,17 @@ class Params(_Frozen):
 
 
 def _loc(err: dict[str, Any]) -> str:
-    return ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    # Validator and union-branch tags ("function-after[...]", "tuple[...]") are not keys the user wrote.
+    return ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tuple[")))
+
+
+# A union (data.eval.mcq: one source or a list) reports each branch the input is not, before the real error.
+_BRANCH_MISMATCH = ("model_type", "tuple_type")
 
 
 def _sentence(path: Path, exc: ValidationError) -> str:
-    err = exc.errors()[0]
+    errs = exc.errors()
+    err = next((e for e in errs if e["type"] not in _BRANCH_MISMATCH), errs[0])
     key = _loc(err)
     if err["type"] == "extra_forbidden":
         return f"{path}: unknown key {key!r}."
