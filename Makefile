@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export UNSLOTH_DISABLE_STATISTICS := 1
 
-.PHONY: setup repro test test-fast lint
+.PHONY: setup repro test test-fast lint serve
 setup: $(VENV)/.installed
 
 # torch==2.13.0 first: on the CPU machines it is a local CPU build (an unpinned torch would pull GBs
@@ -27,6 +27,10 @@ test: setup
 
 test-fast: setup
 	python -m pytest -m "not gpu and not integration and not reliability" -q
+
+# An OpenAI-compatible server on the exported q4_k_m GGUF, http://127.0.0.1:8000/v1 (kmed/serve.py).
+serve: setup
+	python -m kmed.serve
 
 lint: setup
 	ruff check kmed stages tests bench

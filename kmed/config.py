@@ -112,6 +112,9 @@ class SourceCfg(_Frozen):
     limit: int | None = Field(None, ge=1)
     weight: float = Field(1.0, gt=0)
     task: Literal["reasoning", "instruction", "translation", "mcq", "pairs"]
+    # A training source that ends with no records (every row blank, a duplicate, an eval item or over
+    # length) fails preprocess unless this says it may (then it is logged as a warning).
+    allow_empty: bool = False
 
     @model_validator(mode="after")
     def _where(self) -> SourceCfg:
@@ -131,12 +134,35 @@ class StageDataCfg(_Frozen):
 
 
 class EvalDataCfg(_Frozen):
-    mcq: SourceCfg
+    # One source or a list of them (e.g. KorMedMCQA's CSVs from two releases), read in order and
+    # de-duplicated together.
+    mcq: SourceCfg | tuple[SourceCfg, ...]
     koen: SourceCfg
+
+    @property
+    def mcq_sources(self) -> tuple[SourceCfg, ...]:
+        return self.mcq if isinstance(self.mcq, tuple) else (self.mcq,)
+
+    @model_validator(mode="after")
+    def _sources(self) -> EvalDataCfg:
+        names = [s.name for s in self.mcq_sources]
+        if not names:
+            raise ValueError("data.eval.mcq must name at least one source")
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.eval.mcq source names must be unique (got {', '.join(names)})")
+        for s in (*self.mcq_sources, self.koen):
+            if s.allow_empty:
+                raise ValueError(
+                    f"eval source {s.name!r}: allow_empty is for training sources (an eval set needs items)"
+                )
+        return self
 
 
 class DataCfg(_Frozen):
     system_prompt: str
+    # seed: the seed's R1 prompt (### Instruction / ### Question / ### Response), exported as the chat
+    # template; chat_template: the base model's own chat template (what TRL and Axolotl do). kmed/prompt.py
+    prompt_format: Literal["seed", "chat_template"] = "seed"
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     seed: int = 3407
     # Records longer than model.max_seq_length tokens: drop them, or shorten the CoT to fit. The answer
@@ -148,6 +174,13 @@ class DataCfg(_Frozen):
     # The stage fails when more than this share of its reasoning records lose their CoT to the length
     # limit (dropped as overlong, either mode): max_seq_length is then too short for the data.
     max_cot_loss_share: float = Field(0.1, ge=0, le=1)
+    # truncate also drops a record whose CoT would keep less than this share of its tokens (a CoT cut to
+    # a tenth ends mid-sentence and teaches reasoning that stops short); such records count as CoT lost.
+    min_cot_keep_share: float = Field(0.25, ge=0, le=1)
+    # Every source, every task: the stage fails when a source loses more than this share of its records
+    # (blank rows, rows equal to an eval item, records over the length limit, emptied CoTs; duplicates
+    # and weight < 1 are not losses), or ends with none unless the source sets allow_empty.
+    max_loss_share: float = Field(0.2, ge=0, le=1)
     # Korean resident registration / phone numbers: mask them, fail the stage, or leave (not advised).
     pii: Literal["mask", "fail", "off"] = "mask"
     # Non-reasoning records (instructions, translations) get an empty <think></think> so the
@@ -209,8 +242,36 @@ def size_bytes(size: str) -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
+class GenerateCfg(_Frozen):
+    """Decoding defaults carried by every artifact (generation_config.json, GGUF, Modelfile, card, serve)
+    and used by evaluate's sampled generations. `auto` = the base's generation_config.json, else R1's."""
+
+    do_sample: bool | Literal["auto"] = "auto"
+    temperature: float | Literal["auto"] = Field("auto")
+    top_p: float | Literal["auto"] = Field("auto")
+    top_k: int | Literal["auto"] = "auto"   # 0 = no top-k cut
+    max_new_tokens: int = Field(1024, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> GenerateCfg:
+        if self.temperature != "auto" and not 0 < self.temperature <= 5:
+            raise ValueError("generate.temperature must be in (0, 5] (for greedy decoding set do_sample: false)")
+        if self.top_p != "auto" and not 0 < self.top_p <= 1:
+            raise ValueError("generate.top_p must be in (0, 1]")
+        if self.top_k != "auto" and self.top_k < 0:
+            raise ValueError("generate.top_k must be 0 (no cut) or more")
+        return self
+
+
 class EvaluateCfg(_Frozen):
     models: tuple[Literal["base", "stage1", "stage2"], ...] = ("base", "stage1", "stage2")
+    # sampled: `samples` seeded samples per prompt under the `generate` defaults (how R1 models are used;
+    # pass@1 = the mean over samples); greedy: one deterministic decode (like-for-like PR comparisons).
+    decoding: Literal["sampled", "greedy"] = "sampled"
+    samples: int = Field(4, ge=1)
+    # Seeds the MCQ sample and the sampled generations (sample j uses seed + j); not train.seed, so
+    # changing the training seed does not change what is evaluated.
+    seed: int = 3407
     mcq_limit: int | None = Field(None, ge=1)
     mcq_generate: bool = False
     gen_limit: int = Field(8, ge=0)
@@ -231,6 +292,9 @@ class ExportCfg(_Frozen):
     # A chat completion of each GGUF must end at EOS (proves the chat template and stop token). Off
     # only for random-weight benchmarks (bench/gpu_pipeline.py), which never say EOS.
     chat_must_stop: bool = True
+    # Share of the 4 seeded chat completions (llama.cpp, the GGUF's template, the decoding defaults) that
+    # must be one <think>…</think> block and an answer ending at EOS. 0 for untrained/random-weight models.
+    min_chat_format_ok: float = Field(0.5, ge=0, le=1)
     min_token_agreement: dict[str, float] = Field(default_factory=dict)
     max_ppl_delta: dict[str, float] = Field(default_factory=dict)
     push_to_hub: bool = False
@@ -277,6 +341,7 @@ class Params(_Frozen):
     sft_stage1: SftStageCfg = SftStageCfg()
     sft_stage2: SftStageCfg = SftStageCfg(init="merge_then_new_adapter")
     merge: MergeCfg = MergeCfg()
+    generate: GenerateCfg = GenerateCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
     export: ExportCfg = ExportCfg()
     mlflow: MlflowCfg = MlflowCfg()
@@ -297,11 +362,17 @@ class Params(_Frozen):
 
 
 def _loc(err: dict[str, Any]) -> str:
-    return ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    # Validator and union-branch tags ("function-after[...]", "tuple[...]") are not keys the user wrote.
+    return ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tuple[")))
+
+
+# A union (data.eval.mcq: one source or a list) reports each branch the input is not, before the real error.
+_BRANCH_MISMATCH = ("model_type", "tuple_type")
 
 
 def _sentence(path: Path, exc: ValidationError) -> str:
-    err = exc.errors()[0]
+    errs = exc.errors()
+    err = next((e for e in errs if e["type"] not in _BRANCH_MISMATCH), errs[0])
     key = _loc(err)
     if err["type"] == "extra_forbidden":
         return f"{path}: unknown key {key!r}."

@@ -5,8 +5,8 @@ task's schema, normalised, scanned for Korean PII, de-duplicated, kept apart fro
 split by a hash of its question, rendered into a prompt/completion pair and measured in tokens.
 Every bad input stops the stage with a StageError of one sentence naming the file, row and column.
 
-`render_prompt` and `render_completion` are the one definition of the training format; evaluate
-imports them so that what it asks the model is byte-for-byte what the model was trained on.
+The training format itself (`render_prompt`, `render_completion`, the chat template) lives in
+kmed/prompt.py, which evaluate, export and serve import too.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 
 from kmed.config import DataCfg, Params, SourceCfg, StageDataCfg
 from kmed.io import StageError, write_jsonl
+from kmed.prompt import Prompter, render_completion, render_prompt  # noqa: F401  (render_prompt: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +73,6 @@ PROGRESS_MIN_ROWS = 20_000
 TOKENIZE_BATCH = 2048
 
 
-# --------------------------------------------------------------------------- rendering
-
-
-def render_prompt(system: str, question: str) -> str:
-    """The masked part of a training example (no loss on it)."""
-    return f"### Instruction:\n{system}\n\n### Question:\n{question}\n\n### Response:\n"
-
-
-def render_completion(cot: str | None, answer: str, eos: str) -> str:
-    """The trained part: R1-style `<think>` block (when cot is not None), the answer and the EOS."""
-    return f"<think>\n{cot}\n</think>\n{answer}{eos}" if cot is not None else f"{answer}{eos}"
-
-
 # --------------------------------------------------------------------------- text helpers
 
 _HSPACE = re.compile(r"[^\S\n]+")
@@ -125,6 +113,23 @@ def _unit_hash(*parts: str) -> float:
 
 def _q(names: Iterable[Any]) -> str:
     return ", ".join(repr(str(n)) for n in names)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _either(options: list[str]) -> str:
+    """'a', 'a or b', 'a, b, or c'."""
+    if len(options) < 3:
+        return " or ".join(options)
+    return ", ".join(options[:-1]) + ", or " + options[-1]
+
+
+def percent(n: float, d: float) -> str:
+    """n / d as a percentage with one decimal ('0.0%' when d is 0): the one rounding that errors, logs
+    and the data report share, always from the counts (a share rounded twice can read 84.9% vs 84.8%)."""
+    return f"{n / d if d else 0.0:.1%}"
 
 
 # --------------------------------------------------------------------------- PII
@@ -308,13 +313,40 @@ def _norm_header(h: Any) -> str:
     return unicodedata.normalize("NFC", "" if h is None else str(h)).strip()
 
 
+class FieldMap(dict[str, str]):
+    """Schema field -> source column, remembering the fields that `fields` left unmapped (they read the
+    column of their own name)."""
+
+    def __init__(self, cols: dict[str, str], defaulted: Iterable[str] = ()) -> None:
+        super().__init__(cols)
+        self.defaulted = frozenset(defaulted)
+
+
 def _missing_columns(
-    label: str, wanted: dict[str, str], required: dict[str, bool], found: Sequence[str]
+    label: str,
+    wanted: dict[str, str],
+    required: dict[str, bool],
+    found: Sequence[str],
+    sheets_hint: str = "",
 ) -> None:
+    defaulted = wanted.defaulted if isinstance(wanted, FieldMap) else frozenset()
+    for f in defaulted:
+        # medical-o1 holds both `question` (the source MCQ stem) and `Question` (what the CoT answers):
+        # the default name must not pick one of them unasked.
+        col = wanted[f]
+        variants = [c for c in found if c != col and c.casefold() == col.casefold()]
+        if variants:
+            has = "also has" if col in found else "lacks it but has"
+            raise StageError(
+                f"{label}: fields does not map {f!r}, so it would read the column {col!r}, but the file {has} "
+                f"{_q(variants)}; map it explicitly (fields: {{{f}: {variants[0]}}} or {{{f}: {col}}})."
+            )
     missing = [col for f, col in wanted.items() if required[f] and col not in found]
     if missing:
         word = "column" if len(missing) == 1 else "columns"
-        raise StageError(f"{label}: missing {word} {_q(missing)} (found: {_q(found) or 'none'}).")
+        raise StageError(
+            f"{label}: missing {word} {_q(missing)} (found: {_q(found) or 'none'}){sheets_hint}."
+        )
 
 
 def _progress(it: Iterable[Any], total: int | None, desc: str) -> Iterable[Any]:
@@ -603,6 +635,12 @@ def _iter_xlsx(
     try:
         sheets = _pick_sheets(wb, src.sheet, label)
         formulas = _formula_cells(path, sheets, wanted) if _has_formulas(path) else {}
+        # AI Hub workbooks often open with a description sheet: say which param reads only the data.
+        hint = (
+            f"; set sheet: on source {src.name!r} to the sheet that holds them (sheets: {_q(wb.sheetnames)})"
+            if len(wb.sheetnames) > 1
+            else ""
+        )
         for name in sheets:
             ws = wb[name]
             ws.reset_dimensions()  # dimension tags written by other tools are often wrong
@@ -614,7 +652,7 @@ def _iter_xlsx(
                 if header is None:
                     if values and any(v is not None and str(v).strip() for v in values):
                         header = [_norm_header(v) for v in values]
-                        _missing_columns(where, wanted, required, [h for h in header if h])
+                        _missing_columns(where, wanted, required, [h for h in header if h], hint)
                         index = {h: j for j, h in reversed(list(enumerate(header)))}
                         cols = {c: index[c] for c in wanted.values() if c in index}
                     continue
@@ -699,7 +737,7 @@ def _iter_hf(src: SourceCfg, root: Path, wanted: dict[str, str], required: dict[
         yield _Raw(label, "row", i, vals.get, file=label)
 
 
-def source_fields(src: SourceCfg) -> dict[str, str]:
+def source_fields(src: SourceCfg) -> FieldMap:
     """Schema field -> source column (a field not mapped reads the column of its own name)."""
     schema = SCHEMAS[src.task]
     unknown = [f for f in src.fields if f not in schema]
@@ -707,11 +745,14 @@ def source_fields(src: SourceCfg) -> dict[str, str]:
         raise StageError(
             f"source {src.name!r}: fields names {_q(unknown)}, not in the {src.task} schema ({', '.join(schema)})."
         )
-    return {
-        f: unicodedata.normalize("NFC", src.fields.get(f, f)).strip()
-        for f in schema
-        if f not in MAPPED_ONLY or f in src.fields
-    }
+    return FieldMap(
+        {
+            f: unicodedata.normalize("NFC", src.fields.get(f, f)).strip()
+            for f in schema
+            if f not in MAPPED_ONLY or f in src.fields
+        },
+        defaulted=[f for f in schema if f not in src.fields and f not in MAPPED_ONLY],
+    )
 
 
 def read_source(src: SourceCfg, root: Path, max_xlsx_mb: float) -> tuple[list[Row], int]:
@@ -879,18 +920,20 @@ class EvalSets:
 def build_eval(cfg: DataCfg, root: Path) -> EvalSets:
     """Held-out MCQ and Ko-En pairs, plus the match keys that train/val must never contain."""
     metrics: dict[str, Any] = {}
-    if cfg.eval.mcq.task != "mcq":
-        raise StageError(
-            f"data.eval.mcq source {cfg.eval.mcq.name!r} must have task 'mcq', not {cfg.eval.mcq.task!r}."
-        )
+    for src in cfg.eval.mcq_sources:
+        if src.task != "mcq":
+            raise StageError(f"data.eval.mcq source {src.name!r} must have task 'mcq', not {src.task!r}.")
     if cfg.eval.koen.task not in ("pairs", "translation"):
         raise StageError(
             f"data.eval.koen source {cfg.eval.koen.name!r} must have task 'pairs', not {cfg.eval.koen.task!r}."
         )
     pii: Counter[str] = Counter()
 
-    rows, blank = read_source(cfg.eval.mcq, root, cfg.max_xlsx_mb)
-    metrics[f"eval.rows_in.{cfg.eval.mcq.name}"] = len(rows) + blank
+    rows = []
+    for src in cfg.eval.mcq_sources:
+        got, blank = read_source(src, root, cfg.max_xlsx_mb)
+        metrics[f"eval.rows_in.{src.name}"] = len(got) + blank
+        rows += got
     apply_pii(rows, cfg.pii, pii)
     mcq, mcq_dups = mcq_items(rows)
     metrics["eval.mcq_rows"] = len(mcq)
@@ -1112,12 +1155,15 @@ def truncate_completion(
     n_prompt: int,
     max_len: int,
     min_cot: int = 0,
-) -> tuple[str, int] | str:
-    """The completion shortened to fit `max_len` with the prompt, as (text, tokens), or why it cannot be.
+    min_keep_share: float = 0.0,
+) -> tuple[str, int, float] | str:
+    """The completion shortened to fit `max_len` with the prompt, as (text, tokens, share of the CoT's
+    tokens kept), or why it cannot be.
 
     Only the CoT is cut; the `<think>` frame, the whole answer and the EOS are kept. Returns "answer"
     when the prompt, the frame and the whole answer do not fit (or there is no CoT to shorten), and
-    "cot" when the CoT would keep fewer than `min_cot` tokens (or nothing at all, with min_cot 0 aside).
+    "cot" when the CoT would keep fewer than `min_cot` tokens or less than `min_keep_share` of them
+    (or nothing at all, with both 0 aside).
     """
     if not rec_cot:
         return "answer"
@@ -1127,16 +1173,16 @@ def truncate_completion(
     c_ids = _ids(tokenizer, rec_cot)
     keep = min(room, len(c_ids))
     for _ in range(64):  # re-tokenising the cut text can differ by a token or two at the seams
-        if keep < min_cot:
+        if keep < min_cot or keep < min_keep_share * len(c_ids):
             return "cot"
         cot = rec_cot if keep >= len(c_ids) else _decode_prefix(tokenizer, c_ids[:keep])
-        if min_cot and not cot.strip():
+        if (min_cot or min_keep_share) and not cot.strip():
             return "cot"
         comp = render_completion(cot, answer, eos)
         n = len(_ids(tokenizer, comp))
         over = n_prompt + n - max_len
         if over <= 0:
-            return comp, n
+            return comp, n, (min(keep, len(c_ids)) / max(len(c_ids), 1) if cot.strip() else 0.0)
         if keep == 0:
             return "answer"
         keep = max(0, keep - over)
@@ -1171,11 +1217,131 @@ def _as_dict(r: _Rec) -> dict[str, Any]:
         "source": r.source,
         "task": r.task,
         "lang": detect_lang(r.question),
+        "question": r.question,  # what evaluate asks again, in whatever prompt format
         "prompt": r.prompt,
         "completion": r.completion,
         "n_prompt_tokens": r.n_prompt,
         "n_tokens": r.n_tokens,
     }
+
+
+def _keep_stats(shares: list[float]) -> dict[str, float]:
+    """Mean, p10 (nearest rank) and minimum of the CoT shares kept by shortened records; 1.0 when none
+    was shortened (every CoT whole)."""
+    if not shares:
+        return {"mean": 1.0, "p10": 1.0, "min": 1.0}
+    s = sorted(shares)
+    p10 = s[max(0, math.ceil(0.1 * len(s)) - 1)]
+    return {"mean": round(sum(s) / len(s), 4), "p10": round(p10, 4), "min": round(s[0], 4)}
+
+
+@dataclass
+class SourceLoss:
+    """One source's records lost on the way to the training set, and the sentences that say so.
+
+    Counts are in records: a translation row gives one per direction (`per_row`), so a row dropped
+    before rendering loses that many. Duplicates and rows left out by weight < 1 are not losses (the
+    data is still there, or was left out on purpose): they only shrink what the source offers.
+    """
+
+    stage: str
+    src: SourceCfg
+    counts: Counter[str]  # the source's build_stage counters
+    per_row: int
+    max_len: int
+    cfg: DataCfg
+
+    @property
+    def offered(self) -> int:
+        c = self.counts
+        return (c["rows_in"] - c["duplicate"] - c["subsampled"]) * self.per_row
+
+    @property
+    def lost(self) -> int:
+        c = self.counts
+        return (c["empty"] + c["eval_overlap"]) * self.per_row + c["overlong"] + c["emptied"]
+
+    @property
+    def share(self) -> float:
+        return self.lost / self.offered if self.offered else 0.0
+
+    def _parts(self, in_records: bool = True) -> list[str]:
+        c, cfg, k = self.counts, self.cfg, self.per_row
+
+        def rows(n: int, what: str) -> str:
+            return (
+                f"{n * k} from {_count(n, 'row')} {what}"
+                if in_records and k > 1
+                else f"{_count(n, 'row')} {what}"
+            )
+
+        if cfg.overlong == "truncate":
+            cot = (
+                f"whose CoT would be cut below data.min_cot_tokens={cfg.min_cot_tokens} or "
+                f"data.min_cot_keep_share={cfg.min_cot_keep_share:g}"
+            )
+        else:
+            cot = "whose CoT would be cut (data.overlong=drop)"
+        over = f"over model.max_seq_length={self.max_len}"
+        parts = [
+            (c["empty"], rows(c["empty"], "blank in the mapped columns")),
+            (c["eval_overlap"], rows(c["eval_overlap"], "equal to a data.eval item")),
+            (
+                c["overlong_answer"],
+                f"{_count(c['overlong_answer'], 'record')} {over} whose answer would be cut",
+            ),
+            (c["overlong_cot"], f"{_count(c['overlong_cot'], 'record')} {over} {cot}"),
+            (c["emptied"], f"{_count(c['emptied'], 'record')} kept with an emptied CoT"),
+        ]
+        return [text for n, text in parts if n]
+
+    def _fixes(self) -> list[str]:
+        c, fixes = self.counts, []
+        if c["overlong"] or c["emptied"]:
+            fixes.append("raise model.max_seq_length")
+        if c["overlong_cot"]:
+            fixes.append(
+                "lower data.min_cot_tokens or data.min_cot_keep_share"
+                if self.cfg.overlong == "truncate"
+                else "set data.overlong=truncate"
+            )
+        if c["eval_overlap"]:
+            fixes.append("take the data.eval items out of the source")
+        if c["empty"]:
+            fixes.append("map fields to the columns that hold the text")
+        return fixes
+
+    def _lost(self) -> str:
+        return (
+            f"data.{self.stage} source {self.src.name!r}: {self.lost} of {_count(self.offered, 'record')} "
+            f"({percent(self.lost, self.offered)}) would be lost ({', '.join(self._parts())})"
+        )
+
+    def too_many(self) -> str:
+        """The error above data.max_loss_share."""
+        fixes = _either([*self._fixes(), "raise data.max_loss_share"])
+        return f"{self._lost()}, more than data.max_loss_share={self.cfg.max_loss_share:g}; {fixes}."
+
+    def logged(self) -> str:
+        """The warning of a loss within data.max_loss_share."""
+        return f"{self._lost()}; the stage fails above data.max_loss_share={self.cfg.max_loss_share:g}."
+
+    def empty(self) -> str:
+        """Why the source ended with no records (the error, or with allow_empty the warning)."""
+        c = self.counts
+        why = self._parts(in_records=False)
+        if c["duplicate"]:
+            why.append(f"{_count(c['duplicate'], 'row')} duplicating earlier rows")
+        if c["subsampled"]:
+            why.append(f"{_count(c['subsampled'], 'row')} left out by weight {self.src.weight:g}")
+        head = (
+            f"data.{self.stage} source {self.src.name!r} ends with no records (of its {c['rows_in']} rows: "
+            f"{', '.join(why)})"
+        )
+        if self.src.allow_empty:
+            return f"{head}; allowed by allow_empty: true."
+        fixes = _either([*self._fixes(), "set allow_empty: true on the source"])
+        return f"{head}; {fixes}."
 
 
 @dataclass
@@ -1264,22 +1430,26 @@ def build_stage(
     recs: list[_Rec] = []
     for row in rows:
         recs.extend(_records(row, tasks[row.source], scfg.translation_direction, cfg.think_for_non_reasoning))
+    prompter = Prompter(cfg.prompt_format, cfg.system_prompt, tokenizer)
     for r in recs:
-        r.prompt = render_prompt(cfg.system_prompt, r.question)
-        r.completion = render_completion(r.cot, r.answer, eos)
+        r.prompt = prompter.prompt(r.question)
+        r.completion = prompter.completion(r.prompt, r.cot, r.answer)
 
     # Token lengths with the base tokenizer. An overlong record is dropped, or (truncate) kept with its
     # CoT shortened to no fewer than min_cot_tokens; the answer is never cut.
     n_p = token_lengths(tokenizer, [r.prompt for r in recs], True, f"{name} prompts")
     n_c = token_lengths(tokenizer, [r.completion for r in recs], False, f"{name} completions")
     truncated = 0
-    lost = {"answer": 0, "cot": 0}  # reasoning records dropped as overlong, by reason
+    kept_shares: list[float] = []  # share of its CoT tokens each shortened record kept
+    lost = {"answer": 0, "cot": 0, "emptied": 0}  # reasoning records that lost their CoT, by reason
     fitted: list[_Rec] = []
     for r, a, b in zip(recs, n_p, n_c, strict=True):
         r.n_prompt, r.n_tokens = a, a + b
         if r.n_tokens > max_len:
             if cfg.overlong == "truncate":
-                cut = truncate_completion(tokenizer, r.cot, r.answer, eos, a, max_len, cfg.min_cot_tokens)
+                cut = truncate_completion(
+                    tokenizer, r.cot, r.answer, eos, a, max_len, cfg.min_cot_tokens, cfg.min_cot_keep_share
+                )
             else:
                 cut = overlong_reason(tokenizer, r.cot, r.answer, eos, a, max_len)
             if isinstance(cut, str):
@@ -1289,35 +1459,61 @@ def build_stage(
                 if r.task == "reasoning":
                     lost[cut] += 1
                 continue
-            r.completion, r.n_tokens, r.truncated = cut[0], a + cut[1], True
+            r.completion, r.n_tokens, r.truncated = prompter.after_prompt(r.prompt, cut[0]), a + cut[1], True
             by_src[r.source]["truncated"] += 1
             truncated += 1
+            kept_shares.append(cut[2])
+            if cut[2] == 0:  # min_cot_tokens and min_cot_keep_share 0 allow it; still no reasoning trained
+                by_src[r.source]["emptied"] += 1
+                lost["emptied"] += 1
         fitted.append(r)
 
     # Contract: a stage whose reasoning records mostly lose their CoT to the length limit is refused.
     n_reasoning = sum(r.task == "reasoning" for r in recs)
     n_lost = sum(lost.values())
-    share = n_lost / n_reasoning if n_reasoning else 0.0
     m[f"{name}.reasoning_records"] = n_reasoning
     m[f"{name}.cot_lost"] = n_lost
-    m[f"{name}.cot_lost_share"] = round(share, 4)
-    if share > cfg.max_cot_loss_share:
+    m[f"{name}.cot_lost_share"] = round(n_lost / n_reasoning if n_reasoning else 0.0, 4)
+    m[f"{name}.cot_emptied"] = lost["emptied"]
+    for k, v in _keep_stats(kept_shares).items():
+        m[f"{name}.cot_keep_share_{k}"] = v
+    if (n_lost / n_reasoning if n_reasoning else 0.0) > cfg.max_cot_loss_share:
         below = (
-            f"below data.min_cot_tokens={cfg.min_cot_tokens}"
+            f"below data.min_cot_tokens={cfg.min_cot_tokens} or data.min_cot_keep_share={cfg.min_cot_keep_share:g}"
             if cfg.overlong == "truncate"
             else "(data.overlong=drop)"
         )
         lower = (
-            ", or lower data.min_cot_tokens"
+            ", or lower data.min_cot_tokens or data.min_cot_keep_share"
             if cfg.overlong == "truncate"
             else ", or set data.overlong=truncate"
         )
+        emptied = f", {lost['emptied']} kept with an emptied CoT" if lost["emptied"] else ""
         raise StageError(
-            f"data.{name}: {n_lost} of {n_reasoning} reasoning records ({share:.1%}) would lose their CoT at "
-            f"model.max_seq_length={max_len} ({lost['answer']} because the answer would be cut, {lost['cot']} "
-            f"because the CoT would be cut {below}), more than data.max_cot_loss_share={cfg.max_cot_loss_share:g}; "
-            f"raise model.max_seq_length or data.max_cot_loss_share{lower}."
+            f"data.{name}: {n_lost} of {n_reasoning} reasoning records ({percent(n_lost, n_reasoning)}) would lose "
+            f"their CoT at model.max_seq_length={max_len} ({lost['answer']} because the answer would be cut, "
+            f"{lost['cot']} because the CoT would be cut {below}{emptied}), more than "
+            f"data.max_cot_loss_share={cfg.max_cot_loss_share:g}; raise model.max_seq_length or "
+            f"data.max_cot_loss_share{lower}."
         )
+
+    # Contract for every source and task: records lost (blank, eval overlap, length, emptied CoT) are
+    # logged, more than max_loss_share of them fail the stage, and so does a source left with none.
+    n_out = Counter(r.source for r in fitted)
+    for src in scfg.sources:
+        pairs = src.task == "translation" and scfg.translation_direction == "both"
+        loss = SourceLoss(name, src, by_src[src.name], 2 if pairs else 1, max_len, cfg)
+        m[f"{name}.records_offered.{src.name}"] = loss.offered
+        m[f"{name}.records_lost.{src.name}"] = loss.lost
+        m[f"{name}.loss_share.{src.name}"] = round(loss.share, 4)
+        if not n_out[src.name]:
+            if not src.allow_empty:
+                raise StageError(loss.empty())
+            log.warning("%s", loss.empty())
+        elif loss.share > cfg.max_loss_share:
+            raise StageError(loss.too_many())
+        elif loss.lost:
+            log.warning("%s", loss.logged())
 
     # Split by a hash of the normalised question; weight > 1 repeats records in train only.
     train: list[dict[str, Any]] = []
@@ -1344,15 +1540,6 @@ def build_stage(
     for src in scfg.sources:
         m[f"{name}.rows_out.{src.name}"] = out_by_src[src.name]
         by_src[src.name]["records_out"] = out_by_src[src.name]
-        if by_src[src.name]["overlong"] and not out_by_src[src.name]:
-            log.warning(
-                "%s: %s: every record was over model.max_seq_length=%d and dropped (%d would have had their "
-                "answer cut)",
-                name,
-                src.name,
-                max_len,
-                by_src[src.name]["overlong_answer"],
-            )
     for k, v in drops.items():
         m[f"{name}.dropped.{k}"] = v
     m[f"{name}.truncated"] = truncated
@@ -1436,14 +1623,16 @@ def data_report(params: Params, built: Built) -> str:
         "",
         f"Token lengths are the base tokenizer's, against model.max_seq_length = {params.model.max_seq_length}; "
         f"overlong = {cfg.overlong}, min_cot_tokens = {cfg.min_cot_tokens}, "
-        f"max_cot_loss_share = {cfg.max_cot_loss_share:g}, pii = {cfg.pii}, val_fraction = {cfg.val_fraction}, "
+        f"min_cot_keep_share = {cfg.min_cot_keep_share:g}, max_cot_loss_share = {cfg.max_cot_loss_share:g}, "
+        f"max_loss_share = {cfg.max_loss_share:g}, pii = {cfg.pii}, val_fraction = {cfg.val_fraction}, "
         f"think_for_non_reasoning = {cfg.think_for_non_reasoning}. An answer is never cut: a record whose "
         "prompt and whole answer do not fit is dropped.",
         "",
     ]
     max_len = params.model.max_seq_length
     cot_why = (
-        f"the CoT would keep fewer than data.min_cot_tokens = {cfg.min_cot_tokens} tokens"
+        f"the CoT would keep fewer than data.min_cot_tokens = {cfg.min_cot_tokens} tokens or less than "
+        f"data.min_cot_keep_share = {cfg.min_cot_keep_share:g} of them"
         if cfg.overlong == "truncate"
         else "the CoT would have to be cut (overlong = drop)"
     )
@@ -1469,6 +1658,19 @@ def data_report(params: Params, built: Built) -> str:
             )
         L += [
             "",
+            "Loss per source, in records: blank rows, rows equal to an eval item, records over length and "
+            "emptied CoTs (duplicates and weight < 1 are not losses). The stage fails when a source loses "
+            f"more than data.max_loss_share = {cfg.max_loss_share:g} of what it offers, or ends "
+            "with no records unless it sets allow_empty.",
+            "",
+            "| source | records offered | lost | share |",
+            "|---|---:|---:|---:|",
+        ]
+        for s in scfg.sources:
+            off, lost = g(f"records_offered.{s.name}"), g(f"records_lost.{s.name}")
+            L.append(f"| {s.name} | {off} | {lost} | {percent(lost, off)} |")
+        L += [
+            "",
             f"Records: **{g('train_rows')} train**, **{g('val_rows')} val** ({g('repeated')} of the train "
             f"records are repeats from weights > 1; translation direction {scfg.translation_direction}). "
             f"Question language: {g('lang.ko')} ko, {g('lang.en')} en.",
@@ -1489,8 +1691,18 @@ def data_report(params: Params, built: Built) -> str:
             f"| *record over {max_len} tokens kept with its CoT shortened* | {g('truncated')} |",
             "",
             f"Reasoning records that lost their CoT to the length limit (dropped): {g('cot_lost')} of "
-            f"{g('reasoning_records')} ({g('cot_lost_share'):.1%}); the stage fails above "
+            f"{g('reasoning_records')} ({percent(g('cot_lost'), g('reasoning_records'))}); the stage fails above "
             f"data.max_cot_loss_share = {cfg.max_cot_loss_share:g}.",
+            "",
+            (
+                f"CoT tokens kept by the {g('truncated')} records shortened to fit: mean "
+                f"{percent(g('cot_keep_share_mean'), 1)}, p10 {percent(g('cot_keep_share_p10'), 1)}, min "
+                f"{percent(g('cot_keep_share_min'), 1)}"
+                + (f" ({g('cot_emptied')} emptied, counted as CoT lost)" if g("cot_emptied") else "")
+                + f"; data.min_cot_keep_share = {cfg.min_cot_keep_share:g} drops a record below it."
+                if g("truncated")
+                else "No CoT was shortened."
+            ),
             "",
             f"Duplicates: {g('duplicates.exact')} exact, {g('duplicates.normalized')} equal only after normalisation.",
             "",
@@ -1507,7 +1719,11 @@ def data_report(params: Params, built: Built) -> str:
         "",
         "| set | source | rows in | rows out |",
         "|---|---|---:|---:|",
-        f"| mcq | {cfg.eval.mcq.name} | {metrics.get('eval.rows_in.' + cfg.eval.mcq.name, 0)} | {metrics.get('eval.mcq_rows', 0)} |",
+        *(
+            f"| mcq | {s.name} | {metrics.get('eval.rows_in.' + s.name, 0)} "
+            f"| {sum(r['source'] == s.name for r in built.files.get('eval/mcq.jsonl', []))} |"
+            for s in cfg.eval.mcq_sources
+        ),
         f"| koen | {cfg.eval.koen.name} | {metrics.get('eval.rows_in.' + cfg.eval.koen.name, 0)} | {metrics.get('eval.koen_rows', 0)} |",
         "",
         f"Duplicates dropped: {metrics.get('eval.dropped.duplicate', 0)} (mcq: "

@@ -62,17 +62,12 @@ def answer_text(text: str) -> str:
 
 
 def chrf(hyps: Sequence[str], refs: Sequence[str]) -> float:
-    from sacrebleu.metrics import CHRF
-
-    return CHRF().corpus_score(list(hyps), [list(refs)]).score
+    return chrf_metric().corpus_score(list(hyps), [list(refs)]).score
 
 
 def bleu(hyps: Sequence[str], refs: Sequence[str], target_lang: str) -> float:
     """BLEU with sacrebleu; Korean targets use character tokenization (no MeCab needed offline)."""
-    from sacrebleu.metrics import BLEU
-
-    tok = "char" if target_lang == "ko" else "13a"
-    return BLEU(tokenize=tok).corpus_score(list(hyps), [list(refs)]).score
+    return bleu_metric(target_lang).corpus_score(list(hyps), [list(refs)]).score
 
 
 def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -124,3 +119,65 @@ def stratified_sample(items: Sequence[dict[str, Any]], n: int | None, seed: int)
 def strata_counts(items: Sequence[dict[str, Any]]) -> dict[str, int]:
     """Items per subject (or per file where no subject is mapped), for the report."""
     return dict(Counter(str(it.get("subject") or it.get("file") or "all") for it in items))
+
+
+# --------------------------------------------------------------------------- sampled generations
+BOOTSTRAP_REPS = 1000
+
+
+def _bootstrap(n: int, stat: Any, seed: int, reps: int = BOOTSTRAP_REPS) -> tuple[float, float]:
+    """95 % percentile interval of `stat(idx)` over prompts resampled with replacement (seeded)."""
+    import numpy as np
+
+    if n == 0:
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    vals = np.sort([stat(rng.integers(0, n, n)) for _ in range(reps)])
+    return float(vals[int(0.025 * (reps - 1))]), float(vals[int(np.ceil(0.975 * (reps - 1)))])
+
+
+def sample_mean(values: Sequence[Sequence[float]], seed: int) -> tuple[float, float, float]:
+    """Mean over prompts x samples of a per-generation value (values[i][j]: prompt i, sample j), with a
+    95 % bootstrap interval over prompts (each resampled prompt keeps its k samples, so the interval
+    covers the spread between prompts and, through the per-prompt means, between samples)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float).reshape(len(values), -1)
+    if v.size == 0:
+        return 0.0, 0.0, 0.0
+    per_prompt = v.mean(1)
+    lo, hi = _bootstrap(len(per_prompt), lambda idx: per_prompt[idx].mean(), seed)
+    return float(per_prompt.mean()), lo, hi
+
+
+def corpus_score_samples(hyps: Sequence[Sequence[str]], refs: Sequence[str], metric: Any,
+                         seed: int) -> tuple[float, float, float]:
+    """A corpus metric (sacrebleu chrF/BLEU) over k samples: the mean over samples of the corpus score
+    of sample j (hyps[i][j]: prompt i, sample j), with a 95 % bootstrap interval over prompts. Equal to
+    sacrebleu's own corpus_score for each sample (sentence statistics are additive)."""
+    import numpy as np
+
+    n = len(refs)
+    if n == 0:
+        return 0.0, 0.0, 0.0
+    k = len(hyps[0])
+    stats = [np.asarray(metric._extract_corpus_statistics([h[j] for h in hyps], [list(refs)]), dtype=float)
+             for j in range(k)]
+
+    def score(idx: Any) -> float:
+        return float(np.mean([metric._compute_score_from_stats(list(s[idx].sum(0))).score for s in stats]))
+
+    lo, hi = _bootstrap(n, score, seed)
+    return score(np.arange(n)), lo, hi
+
+
+def chrf_metric() -> Any:
+    from sacrebleu.metrics import CHRF
+
+    return CHRF()
+
+
+def bleu_metric(target_lang: str) -> Any:
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(tokenize="char" if target_lang == "ko" else "13a")

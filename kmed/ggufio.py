@@ -14,11 +14,13 @@ a fresh spawned process; the stage process keeps torch.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,20 +100,38 @@ def isolated(fn: Any, *args: Any) -> Any:
 
 def gguf_checks(path: Path, n_gpu_layers: int, n_threads: int, prompt_ids: list[list[int]],
                 ref_ids: list[list[int]], texts_ids: list[list[int]], parity_tokens: int,
-                chat_question: str) -> dict[str, Any]:
+                chat_question: str, decoding: dict[str, Any], chat_samples: int) -> dict[str, Any]:
     """One GGUF against the merged HF model's reference: teacher-forced and free-running greedy agreement,
-    perplexity, and how a chat completion ends. Run it through `isolated`."""
+    perplexity, and `chat_samples` chat completions the way users call it (the GGUF's own chat template, the
+    decoding defaults, seeds 0..n-1): their texts, how they ended and the prompt tokens llama.cpp fed. Run it
+    through `isolated`."""
     llm = open_gguf(path, logits_all=True, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
     try:
         agree = sum(forced_agreement(llm, p, r) for p, r in zip(prompt_ids, ref_ids, strict=True)) / len(ref_ids)
         got = [greedy_ids(llm, p, parity_tokens) for p in prompt_ids]
         prefix = sum(agreement(a, b, parity_tokens) for a, b in zip(ref_ids, got, strict=True)) / len(ref_ids)
         ppl = gguf_ppl(llm, texts_ids)
-        chat = llm.create_chat_completion(messages=[{"role": "user", "content": chat_question}],
-                                          max_tokens=512, temperature=0.0)
+        chats = [chat_completion(llm, [{"role": "user", "content": chat_question}], decoding, seed)
+                 for seed in range(chat_samples)]
     finally:
         llm.close()
-    return {"agree": agree, "prefix": prefix, "ppl": ppl, "finish": chat["choices"][0]["finish_reason"]}
+    return {"agree": agree, "prefix": prefix, "ppl": ppl,
+            "finish": [c["choices"][0]["finish_reason"] for c, _ in chats],
+            "chat_text": [c["choices"][0]["message"]["content"] or "" for c, _ in chats],
+            "chat_prompt_ids": [fed for _, fed in chats]}
+
+
+def chat_completion(llm: Any, messages: list[dict[str, str]], decoding: dict[str, Any],
+                    seed: int = 0) -> tuple[dict[str, Any], list[int]]:
+    """llama.cpp's OpenAI-style chat completion (what llama-server, LM Studio and OpenAI clients get) under
+    the decoding defaults, and the tokens it evaluated before its answer (the rendered chat prompt)."""
+    temp = decoding["temperature"] if decoding["do_sample"] else 0.0
+    llm.reset()
+    out = llm.create_chat_completion(messages=messages, max_tokens=decoding["max_new_tokens"], temperature=temp,
+                                     top_p=decoding["top_p"], top_k=decoding["top_k"], min_p=0.0,
+                                     repeat_penalty=1.0, seed=seed)
+    n_prompt = out["usage"]["prompt_tokens"]
+    return out, [int(t) for t in llm.input_ids[:n_prompt]]
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -121,15 +141,16 @@ def read_meta(path: Path) -> dict[str, Any]:
     r = GGUFReader(str(path))
     want = ("general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id",
             "tokenizer.ggml.bos_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.chat_template",
-            "general.file_type")
+            "general.file_type", "general.sampling.temp", "general.sampling.top_p", "general.sampling.top_k")
     meta = {k: (r.fields[k].contents() if k in r.fields else None) for k in want}
     meta["tensor_count"] = len(r.tensors)
     meta["header_tensor_count"] = int(r.fields["GGUF.tensor_count"].contents())
     return meta
 
 
-def check_meta(meta: dict[str, Any], tok: Any, name: str) -> None:
-    """eos/bos/pad ids and chat template must be the merged tokenizer's."""
+def check_meta(meta: dict[str, Any], tok: Any, name: str, decoding: dict[str, Any] | None = None) -> None:
+    """eos/bos/pad ids and chat template must be the merged tokenizer's; the sampling defaults (which
+    llama.cpp's own tools read from `general.sampling.*`) the decoding defaults'."""
     checks = {
         "tokenizer.ggml.eos_token_id": tok.eos_token_id,
         "tokenizer.ggml.padding_token_id": tok.pad_token_id,
@@ -140,6 +161,10 @@ def check_meta(meta: dict[str, Any], tok: Any, name: str) -> None:
     for key, want in checks.items():
         if meta.get(key) != want:
             raise StageError(f"{name}: {key} is {meta.get(key)!r} but the merged tokenizer has {want!r}.")
+    for key, want in {"temp": "temperature", "top_p": "top_p", "top_k": "top_k"}.items():
+        got = meta.get(f"general.sampling.{key}")
+        if decoding is not None and decoding["do_sample"] and (got is None or abs(got - decoding[want]) > 1e-6):
+            raise StageError(f"{name}: general.sampling.{key} is {got!r} but the decoding defaults say {decoding[want]!r}.")
     if meta["tensor_count"] != meta["header_tensor_count"]:
         raise StageError(f"{name}: header says {meta['header_tensor_count']} tensors but {meta['tensor_count']} were read.")
 
@@ -282,18 +307,16 @@ def gpu_offload(path: Path, backend: bool, n_ctx: int = 1024) -> int:
     return offload_layers(path.stat().st_size, blocks, free, int(GGUF_RESERVE + kv * n_ctx))
 
 
-def open_gguf(path: Path, n_ctx: int = 1024, logits_all: bool = False, n_threads: int = 2,
-              n_gpu_layers: int = 0) -> Any:
-    """Open a GGUF for the checks with llama.cpp's extra CPU buffer types off (`--no-repack`).
+@contextlib.contextmanager
+def no_cpu_repack() -> Iterator[None]:
+    """Load GGUFs with llama.cpp's extra CPU buffer types off (the CLI's `--no-repack`) while inside.
 
     On Intel CPUs with AMX (Sapphire Rapids and later) a natively built llama.cpp repacks quantized
     weights into AMX buffers and segfaults in its first batched decode (ggml-org/llama.cpp#20824; seen
-    here with q8_0, q4_k_m and q4_1, f16 unaffected). The checks decode a few hundred tokens, so the
-    repacked kernels buy nothing, and without them the numbers do not depend on the CPU. Llama() takes
-    no such argument: its model params come from llama_model_default_params(), wrapped here for the
-    duration of the load (this runs in isolated()'s worker process)."""
+    here with q8_0, q4_k_m and q4_1, f16 unaffected). Without them the numbers do not depend on the
+    CPU's repacking kernels either. Llama() takes no such argument: its model params come from
+    llama_model_default_params(), wrapped here for the duration of the load."""
     import llama_cpp.llama as llama_module
-    from llama_cpp import Llama
 
     lowlevel = llama_module.llama_cpp
     defaults = lowlevel.llama_model_default_params
@@ -305,10 +328,19 @@ def open_gguf(path: Path, n_ctx: int = 1024, logits_all: bool = False, n_threads
 
     lowlevel.llama_model_default_params = no_extra_bufts
     try:
-        return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                     logits_all=logits_all, verbose=False, seed=0)
+        yield
     finally:
         lowlevel.llama_model_default_params = defaults
+
+
+def open_gguf(path: Path, n_ctx: int = 1024, logits_all: bool = False, n_threads: int = 2,
+              n_gpu_layers: int = 0) -> Any:
+    """Open a GGUF for the checks (in isolated()'s worker process), without CPU repacking (no_cpu_repack)."""
+    from llama_cpp import Llama
+
+    with no_cpu_repack():
+        return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                     logits_all=logits_all, verbose=False, seed=0)
 
 
 def greedy_ids(llm: Any, prompt_ids: list[int], n: int) -> list[int]:

@@ -166,16 +166,19 @@ def git_revision() -> str:
         return "unknown"
 
 
-def lineage(stage: str, params: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """What sits beside every model: resolved params, base id/revision, seed, code revision."""
+def lineage(stage: str, params: dict[str, Any], wall_clock: bool = True, **extra: Any) -> dict[str, Any]:
+    """What sits beside every model: resolved params, base id/revision, seed, code revision, and (unless
+    `wall_clock` is false, for an output that must hash the same when rebuilt) when it was made."""
     model = params.get("model", {})
-    return {
+    out = {
         "stage": stage,
         "base_model": model.get("base"),
         "base_revision": model.get("revision"),
         "seed": params.get("train", {}).get("seed"),
         "code_revision": git_revision(),
-        "created_unix": int(time.time()),
         "params": params,
         **extra,
     }
+    if wall_clock:
+        out["created_unix"] = int(time.time())
+    return out

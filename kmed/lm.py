@@ -1,5 +1,5 @@
 """Language-model utilities shared by sft, merge and evaluate: masked tokenization, padded batches,
-masked loss and greedy generation."""
+masked loss, greedy and seeded sampled generation."""
 
 from __future__ import annotations
 
@@ -85,6 +85,28 @@ def greedy_generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: in
     """Batched greedy decoding with KV cache (left padding). Returns text, token ids and whether EOS
     stopped it, in the order of `prompts`. Prompts are batched by length (shortest first), so a batch
     carries little padding; `desc` shows a progress bar with an ETA."""
+    return _generate(model, tok, prompts, max_new_tokens, batch_size, desc, {"do_sample": False, "num_beams": 1})
+
+
+def sample_generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: int, batch_size: int,
+                    decoding: dict[str, Any], seeds: list[int], desc: str | None = None) -> list[list[dict[str, Any]]]:
+    """`len(seeds)` sampled generations per prompt under `decoding` (temperature, top_p): result[i][j] is
+    prompt i's sample under seed j. Each sample is one seeded pass over all prompts, so sample j is the
+    same whatever the number of samples, and a rerun on the same machine repeats it exactly."""
+    import torch
+
+    kw = {"do_sample": True, "temperature": decoding["temperature"], "top_p": decoding["top_p"], "top_k": decoding["top_k"],
+          "num_beams": 1}
+    per_seed = []
+    for j, seed in enumerate(seeds):
+        torch.manual_seed(seed)
+        d = f"{desc} (sample {j + 1}/{len(seeds)})" if desc else None
+        per_seed.append(_generate(model, tok, prompts, max_new_tokens, batch_size, d, kw))
+    return [list(row) for row in zip(*per_seed, strict=True)] if per_seed else [[] for _ in prompts]
+
+
+def _generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str | None,
+              kw: dict[str, Any]) -> list[dict[str, Any]]:
     import torch
     from tqdm.auto import tqdm
 
@@ -101,10 +123,9 @@ def greedy_generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: in
             idx = order[i : i + batch_size]
             enc = tok([prompts[j] for j in idx], return_tensors="pt", padding=True, add_special_tokens=True).to(dev)
             with torch.no_grad():
-                gen = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                )
+                # The model's generation_config carries the exported decoding defaults: every knob is explicit here.
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id, **kw)
             new = gen[:, enc["input_ids"].shape[1] :]
             for j, row in zip(idx, new.tolist(), strict=True):
                 stopped = tok.eos_token_id in row

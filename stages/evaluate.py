@@ -25,19 +25,22 @@ from kmed.evaluation import (
     ANSWER_CUE,
     LETTERS,
     answer_text,
-    bleu,
+    bleu_metric,
     check_format,
-    chrf,
+    chrf_metric,
+    corpus_score_samples,
     extract_letter,
     is_repetitive,
     mcq_accuracy,
     mcq_question_text,
     regression_keys,
+    sample_mean,
     strata_counts,
     stratified_sample,
     wilson,
 )
 from kmed.io import StageError, read_jsonl, run_stage, write_json, write_jsonl, write_text_atomic
+from kmed.prompt import decoding
 from kmed.tracking import Tracker
 
 log = logging.getLogger("stages.evaluate")
@@ -85,6 +88,7 @@ def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dic
     from kmed.data import EN2KO_INSTRUCTION, KO2EN_INSTRUCTION, render_prompt
     from kmed.lm import encode_records, greedy_generate, masked_loss
     from kmed.modeling import autocast_context, load_for_inference, load_tokenizer
+    from kmed.prompt import Prompter
 
     ec, system = params.evaluate, params.data.system_prompt
     folder = MODEL_DIRS[name]
@@ -99,6 +103,7 @@ def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dic
     m: dict[str, float] = {"on_gpu": notes["on_gpu"], "load_4bit": notes["load_4bit"]}
     gens: list[dict[str, Any]] = []
     bs = ec.batch_size
+    prompter = Prompter(params.data.prompt_format, system, tok)
     with autocast_context(model):
         # Loss and perplexity on each stage's val split.
         for i, stage in ((1, "stage1"), (2, "stage2")):
@@ -119,35 +124,36 @@ def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dic
             outs = greedy_generate(model, tok, prompts, ec.max_new_tokens, bs, desc="mcq generate")
             m["mcq_gen_acc"] = sum(extract_letter(o["text"]) == it["answer"] for o, it in zip(outs, items, strict=True)) / max(len(items), 1)
 
-        # Reasoning format and degenerate repetition on held-out medical questions.
+        # Reasoning format and degenerate repetition on held-out medical questions, then translation both
+        # ways: `samples` seeded samples per prompt under the decoding defaults (or one greedy decode).
         qs = sets["format_questions"]
-        outs = greedy_generate(model, tok, [render_prompt(system, q) for q in qs], ec.max_new_tokens, bs,
-                               desc="medical generate")
-        fmts = [check_format(o["text"]) for o in outs]
-        reps = [is_repetitive(o["text"]) for o in outs]
+        prompts = [prompter.prompt(q) for q in qs]
+        outs = generations(model, tok, prompts, ec, sets["decoding"], "medical generate")
+        texts = [[prompter.as_generated(p, o["text"]) for o in row] for p, row in zip(prompts, outs, strict=True)]
+        fmts = [[check_format(t) for t in row] for row in texts]
+        reps = [[is_repetitive(t) for t in row] for row in texts]
         if fmts:
-            ok = sum(f["ok"] for f in fmts)
-            m["format_ok"] = ok / len(fmts)
-            m["format_ok_lo"], m["format_ok_hi"] = wilson(ok, len(fmts))
+            for key, vals in (("format_ok", [[f["ok"] for f in row] for row in fmts]), ("repetition", reps),
+                              ("eos_stop", [[o["stopped"] for o in row] for row in outs])):
+                m[key], m[f"{key}_lo"], m[f"{key}_hi"] = sample_mean(vals, ec.seed)
+            m["think_chars"] = sample_mean([[f["think_chars"] for f in row] for row in fmts], ec.seed)[0]
             m["format_n"] = len(fmts)
-            m["repetition"] = sum(reps) / len(reps)
-            m["think_chars"] = sum(f["think_chars"] for f in fmts) / len(fmts)
-            m["eos_stop"] = sum(o["stopped"] for o in outs) / len(outs)
-        gens += [{"model": name, "kind": "medical", "prompt": q, "output": o["text"], "format_ok": f["ok"],
-                  "repetitive": r, "stopped": o["stopped"]} for q, o, f, r in zip(qs, outs, fmts, reps, strict=True)]
+        gens += [{"model": name, "kind": "medical", "prompt": q, "sample": j, "output": t, "format_ok": f["ok"],
+                  "repetitive": r, "stopped": o["stopped"]}
+                 for q, trow, frow, rrow, orow in zip(qs, texts, fmts, reps, outs, strict=True)
+                 for j, (t, f, r, o) in enumerate(zip(trow, frow, rrow, orow, strict=True))]
 
-        # Translation, both directions.
         pairs = sets["koen"]
         for direction, instr, src, tgt in (("ko2en", KO2EN_INSTRUCTION, "ko", "en"), ("en2ko", EN2KO_INSTRUCTION, "en", "ko")):
             if not pairs:
                 continue
-            prompts = [render_prompt(system, f"{instr}\n\n{p[src]}") for p in pairs]
-            outs = greedy_generate(model, tok, prompts, ec.max_new_tokens, bs, desc=f"{direction} generate")
-            hyps = [answer_text(o["text"]) for o in outs]
+            prompts = [prompter.prompt(f"{instr}\n\n{p[src]}") for p in pairs]
+            hyps = [[answer_text(o["text"]) for o in row] for row in generations(model, tok, prompts, ec, sets["decoding"],
+                                                                                f"{direction} generate")]
             refs = [p[tgt] for p in pairs]
-            m[f"chrf_{direction}"] = chrf(hyps, refs)
-            m[f"bleu_{direction}"] = bleu(hyps, refs, tgt)
-            gens += [{"model": name, "kind": direction, "prompt": p[src], "reference": p[tgt], "output": h}
+            for key, metric in ((f"chrf_{direction}", chrf_metric()), (f"bleu_{direction}", bleu_metric(tgt))):
+                m[key], m[f"{key}_lo"], m[f"{key}_hi"] = corpus_score_samples(hyps, refs, metric, ec.seed)
+            gens += [{"model": name, "kind": direction, "prompt": p[src], "reference": p[tgt], "sample": 0, "output": h[0]}
                      for p, h in zip(pairs[:3], hyps[:3], strict=False)]
     m["seconds"] = round(time.time() - t0, 1)
     if torch.cuda.is_available():
@@ -167,7 +173,8 @@ def _cell(mm: dict[str, float], k: str) -> str:
     return f"{v:.4g} [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else f"{v:.4g}"
 
 
-def regression_table(per_model: dict[str, dict[str, float]], mcq: list[dict[str, Any]], mcq_total: int) -> str:
+def regression_table(per_model: dict[str, dict[str, float]], mcq: list[dict[str, Any]], mcq_total: int,
+                     dec: dict[str, float]) -> str:
     names = list(per_model)
     lines = ["# Evaluation: base → stage 1 → stage 2", "",
              "| metric | " + " | ".join(names) + " | Δ stage2 vs stage1 |", "|---" * (len(names) + 2) + "|"]
@@ -178,10 +185,21 @@ def regression_table(per_model: dict[str, dict[str, float]], mcq: list[dict[str,
         lines.append(f"| {k} | " + " | ".join(cells) + f" | {delta} |")
     n_fmt = next((int(mm["format_n"]) for mm in per_model.values() if "format_n" in mm), 0)
     strata = ", ".join(f"{k} {v}" for k, v in sorted(strata_counts(mcq).items()))
-    lines += ["", "Lower is better for *_loss and repetition; higher for the rest. Brackets: 95 % Wilson interval — "
-              "two models whose intervals overlap are not shown to differ. `format_ok`: share of generations with "
-              "exactly one well-formed `<think>…</think>` followed by a non-empty answer; `repetition`: share whose "
-              "output repeats a line or a 4-gram more than 3 times.", "",
+    if dec["decoding.sampled"]:
+        k, s0 = int(dec["decoding.samples"]), int(dec["decoding.seed"])
+        how = (f"**Decoding: sampled**, {k} samples per prompt (seeds {s0}–{s0 + k - 1}), temperature "
+               f"{dec['decoding.temperature']:g}, top_p {dec['decoding.top_p']:g}, top_k {int(dec['decoding.top_k'])} "
+               f"(0: none), at most {int(dec['decoding.max_new_tokens'])} new tokens: the decoding the exported model "
+               "carries. Generation metrics are the mean over prompts and samples (chrF/BLEU: the mean of each "
+               "sample's corpus score).")
+    else:
+        how = f"**Decoding: greedy**, one decode per prompt, at most {int(dec['decoding.max_new_tokens'])} new tokens."
+    lines += ["", how, "",
+              "Lower is better for *_loss and repetition; higher for the rest. Brackets: 95 % intervals — Wilson for "
+              "MCQ accuracy, a bootstrap over prompts (1,000 resamples, each prompt with its samples) for the "
+              "generation metrics; two models whose intervals overlap are not shown to differ. `format_ok`: share of "
+              "generations with exactly one well-formed `<think>…</think>` followed by a non-empty answer; "
+              "`repetition`: share whose output repeats a line or a 4-gram more than 3 times.", "",
               f"MCQ items: {len(mcq)} of {mcq_total} (seeded sample stratified by subject/file: {strata}). "
               f"Held-out medical prompts generated per model: {n_fmt}.", "",
               "<details><summary>MCQ item ids used</summary>", "", " ".join(it["id"] for it in mcq), "", "</details>", ""]
@@ -193,11 +211,12 @@ def main() -> None:
     params = load_params()
     preflight("evaluate", params)
     ec = params.evaluate
-    sec = {"evaluate": resolved_dict(ec), "model.max_seq_length": params.model.max_seq_length}
+    sec = {"evaluate": resolved_dict(ec), "generate": resolved_dict(params.generate),
+           "data.prompt_format": params.data.prompt_format, "model.max_seq_length": params.model.max_seq_length}
     log.info("evaluate: resolved config %s", json.dumps(sec, ensure_ascii=False))
     import torch
 
-    torch.manual_seed(params.train.seed)
+    torch.manual_seed(ec.seed)
 
     # Data: the held-out sets written by preprocess.
     root = Path("data/processed")
@@ -208,11 +227,15 @@ def main() -> None:
     val1, val2 = read_jsonl(need[2]), read_jsonl(need[3])
     all_mcq = read_jsonl(need[0])
     sets = {
-        "mcq": stratified_sample(all_mcq, ec.mcq_limit, params.train.seed),
+        "mcq": stratified_sample(all_mcq, ec.mcq_limit, ec.seed),
         "koen": read_jsonl(need[1])[: ec.translation_limit],
         "val_stage1": val1[: ec.val_limit], "val_stage2": val2[: ec.val_limit],
-        "format_questions": [_question(r["prompt"]) for r in val1][: ec.gen_limit],
+        "format_questions": [r["question"] for r in val1][: ec.gen_limit],
+        "decoding": decoding(params.generate, MODEL_DIRS["base"]),
     }
+    dec = sets["decoding"]
+    log.info("generations: %s", f"greedy, max_new_tokens {ec.max_new_tokens}" if ec.decoding == "greedy" else
+             f"{ec.samples} samples per prompt (seeds {sample_seeds(ec)}), {dec}, max_new_tokens {ec.max_new_tokens}")
 
     # Models, one at a time (memory), in pipeline order.
     t0 = time.time()
@@ -226,12 +249,13 @@ def main() -> None:
 
     # Outputs: flat metrics, plot table, regression table, generations.
     flat_m = {f"{n}.{k}": v for n, mm in per_model.items() for k, v in mm.items()}
+    flat_m.update(decoding_metrics(ec, dec))
     flat_m["seconds"] = round(time.time() - t0, 1)
     write_json("metrics/eval.json", flat_m)
     header = "model," + ",".join(TABLE_KEYS) + "\n"
     rows = "".join(n + "," + ",".join(f"{per_model[n].get(k, '')}" for k in TABLE_KEYS) + "\n" for n in per_model)
     write_text_atomic("metrics/eval-plot.csv", header + rows)
-    write_text_atomic("reports/eval.md", regression_table(per_model, sets["mcq"], len(all_mcq)))
+    write_text_atomic("reports/eval.md", regression_table(per_model, sets["mcq"], len(all_mcq), decoding_metrics(ec, dec)))
     write_jsonl("reports/generations.jsonl", generations)
     with Tracker(params.mlflow, "evaluate", sec) as tr:
         tr.log_metrics(flat_m)
@@ -240,10 +264,28 @@ def main() -> None:
     log.info("evaluate done in %.0fs", flat_m["seconds"])
 
 
-def _question(prompt: str) -> str:
-    """Recover the question from an R1-rendered prompt."""
-    q = prompt.split("### Question:\n", 1)[-1]
-    return q.rsplit("\n\n### Response:", 1)[0]
+def generations(model: Any, tok: Any, prompts: list[str], ec: Any, dec: dict[str, Any],
+                desc: str) -> list[list[dict[str, Any]]]:
+    """Per prompt, its generations: `evaluate.samples` seeded samples, or one greedy decode."""
+    from kmed.lm import greedy_generate, sample_generate
+
+    if ec.decoding == "greedy":
+        return [[o] for o in greedy_generate(model, tok, prompts, ec.max_new_tokens, ec.batch_size, desc=desc)]
+    return sample_generate(model, tok, prompts, ec.max_new_tokens, ec.batch_size, dec, sample_seeds(ec), desc=desc)
+
+
+def sample_seeds(ec: Any) -> list[int]:
+    """Sample j of every prompt is drawn under seed evaluate.seed + j."""
+    return [ec.seed + j for j in range(ec.samples)]
+
+
+def decoding_metrics(ec: Any, dec: dict[str, Any]) -> dict[str, float]:
+    """How the generations were decoded, as flat numbers beside the metrics they produced."""
+    if ec.decoding == "greedy":
+        return {"decoding.sampled": 0, "decoding.samples": 1, "decoding.max_new_tokens": ec.max_new_tokens}
+    return {"decoding.sampled": 1, "decoding.samples": ec.samples, "decoding.seed": ec.seed,
+            "decoding.temperature": dec["temperature"], "decoding.top_p": dec["top_p"], "decoding.top_k": dec["top_k"],
+            "decoding.max_new_tokens": ec.max_new_tokens}
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from kmed.tracking import Tracker
 log = logging.getLogger("stages.export")
 SRC = Path("models/stage2/merged")
 OUT = Path("models/export")
+CHAT_SAMPLES = 4  # seeded chat completions per GGUF (seeds 0-3), as users sample them
 QUESTIONS = (
     "당뇨병 환자에게 메트포르민을 처방할 때 주의할 점은 무엇인가요?",
     "A 24-year-old presents with fever, neck stiffness and photophobia. What is the first step?",
@@ -57,7 +58,7 @@ def heldout_ids(tok: Any, limit: int, max_len: int) -> list[list[int]]:
     return [tok(r["prompt"] + r["completion"], add_special_tokens=True)["input_ids"][:max_len] for r in rows]
 
 
-def model_card(params: Params, metrics: dict[str, Any], files: dict[str, dict[str, Any]]) -> str:
+def model_card(params: Params, metrics: dict[str, Any], files: dict[str, dict[str, Any]], dec: dict[str, Any]) -> str:
     lock = yaml.safe_load(Path("dvc.lock").read_text()) if Path("dvc.lock").exists() else {}
     stages = (lock or {}).get("stages", {})
     data_deps = [d for d in stages.get("preprocess", {}).get("deps", []) if str(d.get("path", "")).startswith("data/")]
@@ -98,20 +99,39 @@ def model_card(params: Params, metrics: dict[str, Any], files: dict[str, dict[st
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
     lines += ["", "## Files", "", "| file | size (MB) | sha256 |", "|---|---|---|"]
     lines += [f"| {n} | {f['size_mb']} | `{f['sha256']}` |" for n, f in files.items()]
-    lines += ["", "## Intended use", "",
-              "Research on Korean clinical reasoning and Ko↔En medical translation. Prompt format:", "",
-              "```", "### Instruction:\n<system text>\n\n### Question:\n<question>\n\n### Response:\n<think>", "```", ""]
+    how = (f"sampling at temperature {dec['temperature']:g}, top_p {dec['top_p']:g}, top_k {dec['top_k']} (0: none)"
+           if dec["do_sample"] else "greedy")
+    lines += ["", "## How to prompt and decode it", "",
+              "Research on Korean clinical reasoning and Ko↔En medical translation. The chat template in the "
+              "tokenizer and in every GGUF (`tokenizer.chat_template`) renders the prompt the model was trained "
+              "on, so `apply_chat_template`, llama.cpp / llama-server, vLLM, TGI and OpenAI-style clients prompt it "
+              "correctly; earlier assistant turns keep only their answer (R1's rule).", ""]
+    if params.data.prompt_format == "seed":
+        lines += ["```", "### Instruction:\n<system text>\n\n### Question:\n<question>\n\n### Response:\n", "```", ""]
+    else:
+        lines += ["Prompt format: the base model's own chat template.", ""]
+    lines += [f"Decoding defaults: {how}, at most {dec['max_new_tokens']} new tokens — in `generation_config.json`, "
+              "the GGUF metadata (`general.sampling.*`) and the Ollama Modelfile. Like DeepSeek-R1's distilled "
+              "models, greedy decoding tends to loop.", ""]
     return "\n".join(lines)
 
 
-def modelfile(gguf_name: str, system: str, eos: str) -> str:
-    return (
-        f"FROM ./{gguf_name}\n"
-        'TEMPLATE """### Instruction:\n{{ .System }}\n\n### Question:\n{{ .Prompt }}\n\n### Response:\n"""\n'
-        f'SYSTEM """{system}"""\n'
-        f'PARAMETER stop "{eos}"\n'
-        "PARAMETER temperature 0.6\n"
-    )
+def modelfile(gguf_name: str, system: str, eos: str, dec: dict[str, Any], prompt_format: str) -> str:
+    """An Ollama Modelfile with the training prompt and the decoding defaults. Ollama's templates are Go
+    templates: the seed prompt is written out; a base's own chat template is left to Ollama's reading of
+    the GGUF's `tokenizer.chat_template`."""
+    lines = [f"FROM ./{gguf_name}"]
+    if prompt_format == "seed":
+        lines += ['TEMPLATE """### Instruction:\n{{ .System }}\n\n### Question:\n{{ .Prompt }}\n\n### Response:\n"""',
+                  f'SYSTEM """{system}"""']
+    lines.append(f'PARAMETER stop "{eos}"')
+    if dec["do_sample"]:
+        lines += [f"PARAMETER temperature {dec['temperature']:g}", f"PARAMETER top_p {dec['top_p']:g}",
+                  f"PARAMETER top_k {dec['top_k']}"]
+    else:
+        lines.append("PARAMETER temperature 0")
+    lines.append(f"PARAMETER num_predict {dec['max_new_tokens']}")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -119,13 +139,14 @@ def main() -> None:
     params = load_params()
     preflight("export", params)
     ec = params.export
-    sec = {"export": resolved_dict(ec), "data.system_prompt": params.data.system_prompt}
+    sec = {"export": resolved_dict(ec), "generate": resolved_dict(params.generate),
+           "data.system_prompt": params.data.system_prompt, "data.prompt_format": params.data.prompt_format}
     log.info("export: resolved config %s", json.dumps(sec, ensure_ascii=False))
     if not (SRC / "config.json").exists():
         raise StageError(f"{SRC} is missing; run `dvc repro merge@stage2` first.")
     import torch
 
-    from kmed.data import render_prompt
+    from kmed.evaluation import check_format
     from kmed.ggufio import (
         check_chat_template,
         check_meta,
@@ -141,15 +162,19 @@ def main() -> None:
     )
     from kmed.lm import greedy_generate
     from kmed.modeling import autocast_context, load_for_inference, load_tokenizer
+    from kmed.prompt import Prompter, decoding
 
     t0 = time.time()
     tok = load_tokenizer(SRC)
     check_chat_template(tok.chat_template or "")
+    prompter = Prompter(params.data.prompt_format, params.data.system_prompt, tok)
+    dec = decoding(params.generate, SRC)
+    log.info("decoding defaults (from %s/generation_config.json and params generate): %s", SRC, dec)
 
     # Reference: the merged HF model's greedy continuations and perplexity (on the GPU when there is
     # one: bf16 if it fits, else 4-bit; fp32 on the CPU).
     hf, placed = load_for_inference(SRC, trust_remote_code=params.model.trust_remote_code)
-    prompts = [render_prompt(params.data.system_prompt, q) for q in QUESTIONS]
+    prompts = [prompter.prompt(q) for q in QUESTIONS]
     texts = heldout_ids(tok, ec.check_texts, ec.check_max_tokens)
     with autocast_context(hf):
         ref = [g["ids"] for g in greedy_generate(hf, tok, prompts, ec.parity_tokens, batch_size=1)]
@@ -168,30 +193,51 @@ def main() -> None:
     files: dict[str, dict[str, Any]] = {}
 
     pids = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    chat_q = QUESTIONS[3]  # English: SmolLM2's BPE spends ~3 tokens per Hangul syllable
+    chat_prompt = prompter.prompt(chat_q)
+    chat_want = tok(chat_prompt, add_special_tokens=True)["input_ids"]
+    # What HF users get from the merged folder must be the training prompt too (apply_chat_template).
+    hf_chat = list(tok.apply_chat_template([{"role": "user", "content": chat_q}], add_generation_prompt=True,
+                                           return_dict=True)["input_ids"])
+    if params.data.prompt_format == "seed" and hf_chat != chat_want:
+        raise StageError(f"{SRC}: apply_chat_template does not render the training prompt (render_prompt); "
+                         "re-run merge.")
 
     def verify(q: str, path: Path, base_ppl: float | None) -> float:
         """Metadata, greedy agreement, perplexity and a chat completion of one GGUF; fails below params."""
         meta = read_meta(path)
-        check_meta(meta, tok, path.name)
+        check_meta(meta, tok, path.name, dec)
         n_gpu = gpu_offload(path, backend)  # per file: a 32B f16 GGUF (65 GB) may fit only in part, its q4_k_m whole
         metrics[f"{q}.gpu_layers"] = n_gpu
         log.info("%s: n_gpu_layers %d (-1: all)", path.name, n_gpu)
-        # A question with a short answer, in English (SmolLM2's BPE spends ~3 tokens per Hangul syllable,
-        # so 256 tokens cut a Korean answer short): the chat check is the template + EOS.
-        r = isolated(gguf_checks, path, n_gpu, threads, pids, ref, texts, ec.parity_tokens, QUESTIONS[3])
-        agree, prefix, ppl, finish = r["agree"], r["prefix"], r["ppl"], r["finish"]
+        # The chat check: llama.cpp's chat completion with the GGUF's template under the decoding defaults
+        # must feed the training prompt's tokens and answer in the R1 format, ending at EOS.
+        r = isolated(gguf_checks, path, n_gpu, threads, pids, ref, texts, ec.parity_tokens, chat_q, dec, CHAT_SAMPLES)
+        agree, prefix, ppl, finish = r["agree"], r["prefix"], r["ppl"], r["finish"][0]
         delta = ppl / base_ppl - 1 if base_ppl else 0.0
+        chat_ok = [f == "stop" and check_format(prompter.as_generated(chat_prompt, t))["ok"]
+                   for f, t in zip(r["finish"], r["chat_text"], strict=True)]
+        fed_ok = all(fed == chat_want for fed in r["chat_prompt_ids"])
         metrics.update({f"{q}.token_agreement": agree, f"{q}.greedy_prefix": prefix, f"{q}.ppl": ppl, f"{q}.ppl_delta_vs_f16": delta,
-                        f"{q}.chat_stopped": int(finish == "stop"), f"{q}.tensors": meta["tensor_count"]})
-        log.info("%s: token agreement %.3f (greedy prefix %.3f) ppl %.3f (Δ %.2f%% vs f16) finish=%s", q, agree,
-                 prefix, ppl, 100 * delta, finish)
+                        f"{q}.chat_stopped": int(finish == "stop"), f"{q}.chat_prompt_match": int(fed_ok),
+                        f"{q}.chat_format_ok": sum(chat_ok) / len(chat_ok), f"{q}.tensors": meta["tensor_count"]})
+        log.info("%s: token agreement %.3f (greedy prefix %.3f) ppl %.3f (Δ %.2f%% vs f16) chat: prompt %s, "
+                 "%d of %d well-formed and stopped; first answer %r", q, agree, prefix, ppl, 100 * delta,
+                 "matches" if fed_ok else "DIFFERS", sum(chat_ok), len(chat_ok), r["chat_text"][0][:200])
         min_agree, max_delta = ec.min_token_agreement.get(q), ec.max_ppl_delta.get(q)
         if min_agree is not None and agree < min_agree:
             raise StageError(f"{path.name}: greedy token agreement {agree:.3f} is below export.min_token_agreement.{q}={min_agree}.")
         if max_delta is not None and delta > max_delta:
             raise StageError(f"{path.name}: perplexity rose {delta:.1%} over f16, above export.max_ppl_delta.{q}={max_delta}.")
+        if not fed_ok:
+            raise StageError(f"{path.name}: llama.cpp's chat completion fed other prompt tokens than the training "
+                             "prompt (render_prompt): the GGUF's chat template is not the one the model was trained with.")
         if finish != "stop" and ec.chat_must_stop:
             raise StageError(f"{path.name}: a chat completion did not end at EOS (finish_reason {finish!r}).")
+        if sum(chat_ok) / len(chat_ok) < ec.min_chat_format_ok:
+            raise StageError(f"{path.name}: {sum(chat_ok)} of {len(chat_ok)} seeded chat completions were one "
+                             f"<think>…</think> block and an answer ending at EOS, below export.min_chat_format_ok="
+                             f"{ec.min_chat_format_ok} (first: {r['chat_text'][0][:60]!r}).")
         return ppl
 
     with atomic_dir(OUT) as tmp:
@@ -226,8 +272,10 @@ def main() -> None:
             metrics[f"{q}.size_mb"] = files[path.name]["size_mb"]
         metrics["seconds"] = round(time.time() - t0, 1)
         first = next(iter(ggufs.values())).name
-        write_text_atomic(tmp / "README.md", model_card(params, metrics, files))
-        write_text_atomic(tmp / "Modelfile", modelfile(first, params.data.system_prompt, tok.eos_token))
+        write_text_atomic(tmp / "README.md", model_card(params, metrics, files, dec))
+        write_text_atomic(tmp / "Modelfile", modelfile(first, params.data.system_prompt, tok.eos_token, dec,
+                                                       params.data.prompt_format))
+        write_json(tmp / "decoding.json", dec)
         write_json(tmp / "files.json", files)
 
     write_json("metrics/export.json", metrics)

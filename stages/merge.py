@@ -108,8 +108,10 @@ def full_parity(
     return par
 
 
-def write_model_files(out: Path, base: Any, tok: Any, save_dtype: str, trust_remote_code: bool) -> None:
-    """config.json (the saved dtype, no quantization), generation config, tokenizer and chat template."""
+def write_model_files(out: Path, base: Any, tok: Any, save_dtype: str, trust_remote_code: bool,
+                      template: str, dec: dict[str, Any]) -> None:
+    """config.json (the saved dtype, no quantization), the generation config with the decoding defaults,
+    the tokenizer and the chat template the model was trained with (kmed/prompt.py)."""
     from transformers import AutoConfig, GenerationConfig
 
     from kmed.merging import torch_dtype
@@ -126,7 +128,10 @@ def write_model_files(out: Path, base: Any, tok: Any, save_dtype: str, trust_rem
     else:
         gen = GenerationConfig.from_model_config(cfg)
     gen.eos_token_id, gen.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    for k, v in dec.items():
+        setattr(gen, k, v)
     gen.save_pretrained(str(out))
+    tok.chat_template = template
     tok.save_pretrained(str(out))
 
 
@@ -144,6 +149,8 @@ def main() -> None:
         "merge": resolved_dict(mc),
         "model": resolved_dict(params.model),
         f"sft_{stage}": resolved_dict(params.sft(stage)),
+        "generate": resolved_dict(params.generate),
+        "data.prompt_format": params.data.prompt_format,
     }
     log.info("merge %s: resolved config %s", stage, json.dumps(sec, ensure_ascii=False))
     import peft  # noqa: F401  (imported before t0, as before: `seconds` times the merge, not the imports)
@@ -151,6 +158,7 @@ def main() -> None:
     from kmed.config import size_bytes
     from kmed.merging import BaseWeights, read_adapter, stream_merge
     from kmed.modeling import load_tokenizer, refuse_unsafe_model
+    from kmed.prompt import chat_template, decoding
 
     base_dir, adapter_dir = merge_base(stage, params), Path(f"models/{stage}/adapter")
     for need in (base_dir / "config.json", adapter_dir / "adapter_model.safetensors"):
@@ -175,6 +183,9 @@ def main() -> None:
         )
     adapter = read_adapter(adapter_dir, base)
     tok = load_tokenizer(base_dir)
+    template = chat_template(params.data.prompt_format, params.data.system_prompt, tok)
+    dec = decoding(params.generate, base_dir)
+    log.info("chat template: the %s prompt; decoding defaults %s", params.data.prompt_format, dec)
     log.info(
         "base %s: %d tensors, %.3f B params%s; adapter: %s",
         base_dir,
@@ -220,7 +231,7 @@ def main() -> None:
             res.probe_modules,
             mc.probe_max_rel,
         )
-        write_model_files(tmp, base, tok, mc.save_dtype, trust)
+        write_model_files(tmp, base, tok, mc.save_dtype, trust, template, dec)
         adapter_lineage = (
             json.loads((adapter_dir / "lineage.json").read_text())
             if (adapter_dir / "lineage.json").exists()

@@ -31,7 +31,10 @@ def main() -> None:
     with atomic_dir(OUT) as tmp:
         info = materialize_base(params.model, tmp)
         tok_info = check_tokenizer(tmp)
-        write_json(tmp / "lineage.json", lineage("prepare-base", {"model": resolved_dict(params.model)}, **info))
+        # No wall-clock field: every clone rebuilds models/base (push: false in dvc.yaml), and a rebuild
+        # of the same base must hash the same to DVC; the stage's time is in metrics/prepare-base.json.
+        meta = lineage("prepare-base", {"model": resolved_dict(params.model)}, wall_clock=False, **info)
+        write_json(tmp / "lineage.json", meta)
 
     # Metrics.
     size = sum(p.stat().st_size for p in OUT.glob("*.safetensors"))

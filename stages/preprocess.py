@@ -5,7 +5,9 @@
 Reads `data:` and `model.max_seq_length` from params.yaml and the base tokenizer from models/base.
 Writes data/processed/{stage1,stage2}/{train,val}.jsonl and data/processed/eval/{mcq,koen}.jsonl
 (one directory, replaced atomically), metrics/data.json, reports/data_report.md and
-reports/debug_samples.md. Any bad input exits 2 with one sentence naming the file, row and column.
+reports/debug_samples.md. Any bad input exits 2 with one sentence naming the file, row and column;
+so does a source that loses more than data.max_loss_share of its records, or all of them (allow_empty
+aside). Nothing is written before every contract holds.
 """
 
 from __future__ import annotations

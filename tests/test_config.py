@@ -45,6 +45,15 @@ def test_real_params_validate(path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)
+def test_every_file_sets_the_data_loss_contracts(path: Path) -> None:
+    """Every params file sets the loss contracts itself (not by falling back on a code default)."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))["data"]
+    assert {"max_cot_loss_share", "min_cot_keep_share", "max_loss_share"} <= set(data)
+    p = load_params(path).data
+    assert 0 < p.max_loss_share < 0.6 and 0 < p.min_cot_keep_share < 1  # 60 % of a source lost must fail
+
+
 def test_recipe_is_the_32b_production_path() -> None:
     p = load_params(ROOT / "recipes/r1-32b-medical-ko.yaml")
     assert p.model.base == "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B" and p.model.revision
@@ -76,6 +85,14 @@ def _write(tmp_path: Path, mutate) -> Path:  # noqa: ANN001
         (lambda r: r["merge"].update(max_shard_size="2 potatoes"), "'merge.max_shard_size'"),
         (lambda r: r["merge"].update(probe_max_rel=1e-4), "the bf16 cast alone"),
         (lambda r: r["data"]["stage1"]["sources"][0].pop("path"), "needs a path"),
+        (lambda r: r["data"].update(max_loss_share=1.5), "'data.max_loss_share'"),
+        (lambda r: r["data"].update(min_cot_keep_share=-0.1), "'data.min_cot_keep_share'"),
+        (lambda r: r["data"]["eval"]["koen"].update(allow_empty=True), "allow_empty is for training sources"),
+        (lambda r: r["data"]["eval"].update(mcq=[]), "data.eval.mcq must name at least one source"),
+        (
+            lambda r: r["data"]["eval"].update(mcq=[{**r["data"]["eval"]["mcq"], "kind": "tsv"}]),
+            "'data.eval.mcq.0.kind'",
+        ),
     ],
 )
 def test_bad_params_one_sentence(tmp_path: Path, mutate, needle: str) -> None:  # noqa: ANN001

@@ -287,6 +287,28 @@ def test_csv_and_jsonl_missing_columns(tmp_path: Path) -> None:
     )
 
 
+def test_unmapped_field_with_a_case_variant_is_refused(tmp_path: Path) -> None:
+    # medical-o1: `question` is the source MCQ stem, `Question` the question the CoT answers.
+    rec = {"question": "stem", "Question": "rewritten", "Complex_CoT": "c", "Response": "r"}
+    (tmp_path / "m.json").write_text(json.dumps([rec, rec]), encoding="utf-8")
+    partial = {"cot": "Complex_CoT", "answer": "Response"}
+    msg = error_of(read, tmp_path, one_source(tmp_path, "json", "m.json", "reasoning", partial))
+    assert msg == (
+        "m.json record 1: fields does not map 'question', so it would read the column 'question', but the "
+        "file also has 'Question'; map it explicitly (fields: {question: Question} or {question: question})."
+    )
+    for q in ("Question", "question"):  # either explicit choice is read as asked
+        rows = read(tmp_path, one_source(tmp_path, "json", "m.json", "reasoning", {**partial, "question": q}))
+        assert rows[0].values["question"] == rec[q]
+    # An optional field: `Input` must not be skipped silently because `input` is absent.
+    wcsv(tmp_path / "i.csv", ["instruction", "Input", "output"], [["a", "b", "c"]])
+    msg = error_of(read, tmp_path, one_source(tmp_path, "csv", "i.csv", "instruction", {}))
+    assert msg.startswith(
+        "i.csv: fields does not map 'input', so it would read the column 'input', but the file lacks it but has "
+        "'Input'; map it explicitly"
+    )
+
+
 def test_xlsx_formula_without_cached_value_names_cell(tmp_path: Path) -> None:
     wxlsx(
         tmp_path / "f.xlsx",
@@ -352,6 +374,20 @@ def test_wrong_sheet_name_and_selected_sheet(tmp_path: Path) -> None:
     assert msg == "w.xlsx: there is no sheet named 'Sheet1' (sheets: 'daily', 'med')."
     rows = read(tmp_path, one_source(tmp_path, "xlsx", "w.xlsx", "translation", T_FIELDS, sheet="med"))
     assert [r.values["ko"] for r in rows] == ["두통"]
+
+
+def test_xlsx_description_sheet_error_names_the_sheet_param(tmp_path: Path) -> None:
+    wxlsx(
+        tmp_path / "a.xlsx",
+        {"설명": [["이 파일은 한영 말뭉치입니다."]], "Sheet1": [["원문", "번역문"], ["두통", "headache"]]},
+    )
+    msg = error_of(read, tmp_path, one_source(tmp_path, "xlsx", "a.xlsx", "translation", T_FIELDS))
+    assert msg == (
+        "a.xlsx sheet '설명': missing columns '원문', '번역문' (found: '이 파일은 한영 말뭉치입니다.'); set sheet: "
+        "on source 'x' to the sheet that holds them (sheets: '설명', 'Sheet1')."
+    )
+    rows = read(tmp_path, one_source(tmp_path, "xlsx", "a.xlsx", "translation", T_FIELDS, sheet="Sheet1"))
+    assert [r.values["en"] for r in rows] == ["headache"]
 
 
 def test_xlsx_folder_reads_all_files_and_sheets_in_order(tmp_path: Path) -> None:
@@ -691,6 +727,24 @@ def test_mcq_id_takes_part_in_dedup_only_when_mapped(tmp_path: Path, smol_tokeni
     assert len(D.build_datasets(p, smol_tokenizer, tmp_path).files["eval/mcq.jsonl"]) == 1
 
 
+def test_eval_mcq_accepts_a_list_of_sources(tmp_path: Path, smol_tokenizer: Any) -> None:
+    _letter_and_integer_copies(tmp_path)
+    fields = {**MCQ_FIELDS, "subject": "subject"}
+    lists = [
+        src("letters", "csv", "kmcq/letter.csv", "mcq", fields),
+        src("numbers", "csv", "kmcq/number.csv", "mcq", fields),
+    ]
+    b = D.build_datasets(make_params(tmp_path, mcq=lists), smol_tokenizer, tmp_path)
+    assert len(b.files["eval/mcq.jsonl"]) == 6  # the two sources are de-duplicated together
+    assert (b.metrics["eval.rows_in.letters"], b.metrics["eval.rows_in.numbers"]) == (6, 6)
+    report = D.data_report(make_params(tmp_path, mcq=lists), b)
+    assert "| mcq | letters | 6 | 6 |" in report and "| mcq | numbers | 6 | 0 |" in report
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="source names must be unique"):
+        make_params(tmp_path, mcq=[lists[0], lists[0]])
+
+
 # --------------------------------------------------------------------------- duplicates, overlap, split
 
 
@@ -716,10 +770,18 @@ def test_duplicates_and_eval_overlap_removed(tmp_path: Path, smol_tokenizer: Any
         stage1=[src("s1", "jsonl", "s1.jsonl", "reasoning", R_FIELDS)],
         stage2=[src("t", "xlsx", "t.xlsx", "translation", T_FIELDS)],
         val_fraction=0.3,
+        max_loss_share=0.5,
     )
     b = D.build_datasets(p, smol_tokenizer, tmp_path)
     m = b.metrics
     assert m["stage1.rows_in.s1"] == 23
+    # Duplicates are not losses; an eval item is: t offers 2 distinct pairs (4 records) and loses one pair.
+    assert (m["stage1.records_offered.s1"], m["stage1.records_lost.s1"]) == (21, 1)
+    assert (m["stage2.records_offered.t"], m["stage2.records_lost.t"], m["stage2.loss_share.t"]) == (
+        4,
+        2,
+        0.5,
+    )
     assert (
         m["stage1.duplicates.exact"],
         m["stage1.duplicates.normalized"],
@@ -875,6 +937,7 @@ def test_overlong_drop(tmp_path: Path, smol_tokenizer: Any) -> None:
         val_fraction=0.01,
         overlong="drop",
         max_cot_loss_share=1.0,
+        max_loss_share=1.0,
     )
     b = D.build_datasets(p, smol_tokenizer, tmp_path)
     recs = b.files["stage1/train.jsonl"] + b.files["stage1/val.jsonl"]
@@ -883,6 +946,7 @@ def test_overlong_drop(tmp_path: Path, smol_tokenizer: Any) -> None:
     # The long-CoT record's answer would fit; the long answer and the huge question would not.
     assert (m["stage1.dropped.overlong_cot"], m["stage1.dropped.overlong_answer"]) == (1, 2)
     assert (m["stage1.cot_lost"], m["stage1.reasoning_records"], m["stage1.cot_lost_share"]) == (3, 4, 0.75)
+    assert (m["stage1.records_lost.l"], m["stage1.loss_share.l"]) == (3, 0.75)
     assert len(recs) == 1 and recs[0]["n_tokens"] <= 160
 
 
@@ -900,6 +964,8 @@ def test_overlong_truncate_shortens_only_the_cot(tmp_path: Path, smol_tokenizer:
         val_fraction=0.01,
         overlong="truncate",
         max_cot_loss_share=1.0,
+        max_loss_share=1.0,
+        min_cot_keep_share=0.0,  # the long CoT keeps about a tenth: kept here, dropped at the default
     )
     b = D.build_datasets(p, smol_tokenizer, tmp_path)
     recs = {
@@ -929,6 +995,16 @@ def test_overlong_truncate_shortens_only_the_cot(tmp_path: Path, smol_tokenizer:
     assert "| l | reasoning | jsonl | 1 | 4 | 0 | 0 | 0 | 0 | 2 | 0 | 1 | 2 |" in report
     assert "record over 160 tokens: the answer would be cut | 2 |" in report
     assert "Reasoning records that lost their CoT to the length limit (dropped): 2 of 4 (50.0%)" in report
+    kept = _cot_tokens(smol_tokenizer, long_cot) / _cot_tokens(
+        smol_tokenizer, D.render_completion(("reasoning step " * 300).strip(), "", "")
+    )
+    assert m["stage1.cot_keep_share_min"] == m["stage1.cot_keep_share_p10"] == m["stage1.cot_keep_share_mean"]
+    assert abs(m["stage1.cot_keep_share_min"] - kept) < 0.01 and m["stage1.cot_keep_share_min"] < 0.25
+    share = D.percent(m["stage1.cot_keep_share_min"], 1)
+    assert (
+        f"CoT tokens kept by the 1 records shortened to fit: mean {share}, p10 {share}, min {share};"
+        in report
+    )
 
 
 def test_truncate_keeps_min_cot_tokens_or_drops(smol_tokenizer: Any) -> None:
@@ -936,15 +1012,28 @@ def test_truncate_keeps_min_cot_tokens_or_drops(smol_tokenizer: Any) -> None:
     n_prompt = len(smol_tokenizer(D.render_prompt(SYSTEM, "q?"))["input_ids"])
     frame = len(smol_tokenizer(D.render_completion("", answer, EOS), add_special_tokens=False)["input_ids"])
     room = 100 - n_prompt - frame  # CoT tokens that fit in 100
-    comp, n = D.truncate_completion(smol_tokenizer, cot, answer, EOS, n_prompt, 100, min_cot=room - 4)
+    comp, n, kept = D.truncate_completion(smol_tokenizer, cot, answer, EOS, n_prompt, 100, min_cot=room - 4)
     assert (
         n_prompt + n <= 100 and comp.endswith(answer + EOS) and _cot_tokens(smol_tokenizer, comp) >= room - 4
+    )
+    n_cot = len(smol_tokenizer(cot.strip(), add_special_tokens=False)["input_ids"])
+    assert abs(kept - _cot_tokens(smol_tokenizer, comp) / n_cot) < 0.02
+    # Below min_keep_share of the CoT's tokens the record is refused like one below min_cot.
+    assert (
+        D.truncate_completion(smol_tokenizer, cot, answer, EOS, n_prompt, 100, min_keep_share=kept + 0.05)
+        == "cot"
+    )
+    assert (
+        D.truncate_completion(smol_tokenizer, cot, answer, EOS, n_prompt, 100, min_keep_share=kept - 0.05)[2]
+        == kept
     )
     assert D.truncate_completion(smol_tokenizer, cot, answer, EOS, n_prompt, 100, min_cot=room + 1) == "cot"
     assert D.truncate_completion(smol_tokenizer, cot, answer, EOS, n_prompt, n_prompt + frame - 1) == "answer"
     # min_cot 0 allows an emptied CoT, still never a cut answer.
-    comp, _ = D.truncate_completion(smol_tokenizer, cot, answer, EOS, n_prompt, n_prompt + frame, min_cot=0)
-    assert comp == D.render_completion("", answer, EOS)
+    comp, _, kept = D.truncate_completion(
+        smol_tokenizer, cot, answer, EOS, n_prompt, n_prompt + frame, min_cot=0
+    )
+    assert comp == D.render_completion("", answer, EOS) and kept == 0.0
     assert D.truncate_completion(smol_tokenizer, "", "x " * 200, EOS, n_prompt, 100) == "answer"
 
 
@@ -961,6 +1050,7 @@ def test_non_reasoning_answers_are_never_cut(tmp_path: Path, smol_tokenizer: Any
         stage2=[src("i", "jsonl", "i.jsonl", "instruction", I_FIELDS)],
         overlong="truncate",
         max_seq_length=160,
+        max_loss_share=0.5,
     )
     b = D.build_datasets(p, smol_tokenizer, tmp_path)
     recs = b.files["stage2/train.jsonl"] + b.files["stage2/val.jsonl"]
@@ -979,7 +1069,8 @@ def test_cot_loss_contract_fails_with_one_sentence(tmp_path: Path, smol_tokenize
         "stage1": [src("l", "jsonl", "l.jsonl", "reasoning", R_FIELDS)],
         "max_seq_length": 160,
     }
-    # 3 of 10 records need their CoT cut: kept (truncate) with 32 CoT tokens left, lost below 150.
+    # 3 of 10 records need their CoT cut: kept (truncate) with more than a quarter of their CoT tokens
+    # (min_cot_keep_share 0.25), lost below min_cot_tokens 150.
     b = D.build_datasets(make_params(tmp_path, overlong="truncate", **kw), smol_tokenizer, tmp_path)
     assert (b.metrics["stage1.truncated"], b.metrics["stage1.cot_lost"]) == (3, 0)
     msg = error_of(
@@ -990,9 +1081,9 @@ def test_cot_loss_contract_fails_with_one_sentence(tmp_path: Path, smol_tokenize
     )
     assert msg == (
         "data.stage1: 3 of 10 reasoning records (30.0%) would lose their CoT at model.max_seq_length=160 (0 because "
-        "the answer would be cut, 3 because the CoT would be cut below data.min_cot_tokens=150), more than "
-        "data.max_cot_loss_share=0.1; raise model.max_seq_length or data.max_cot_loss_share, or lower "
-        "data.min_cot_tokens."
+        "the answer would be cut, 3 because the CoT would be cut below data.min_cot_tokens=150 or "
+        "data.min_cot_keep_share=0.25), more than data.max_cot_loss_share=0.1; raise model.max_seq_length or "
+        "data.max_cot_loss_share, or lower data.min_cot_tokens or data.min_cot_keep_share."
     )
     msg = error_of(D.build_datasets, make_params(tmp_path, overlong="drop", **kw), smol_tokenizer, tmp_path)
     assert msg.startswith(
@@ -1002,9 +1093,155 @@ def test_cot_loss_contract_fails_with_one_sentence(tmp_path: Path, smol_tokenize
         "model.max_seq_length or data.max_cot_loss_share, or set data.overlong=truncate."
     )
     b = D.build_datasets(
-        make_params(tmp_path, overlong="drop", max_cot_loss_share=0.3, **kw), smol_tokenizer, tmp_path
+        make_params(tmp_path, overlong="drop", max_cot_loss_share=0.3, max_loss_share=0.3, **kw),
+        smol_tokenizer,
+        tmp_path,
     )
-    assert b.metrics["stage1.cot_lost_share"] == 0.3  # at the limit: allowed
+    assert (
+        b.metrics["stage1.cot_lost_share"] == b.metrics["stage1.loss_share.l"] == 0.3
+    )  # at the limits: allowed
+
+
+def test_min_cot_keep_share_drops_and_counts_as_cot_lost(tmp_path: Path, smol_tokenizer: Any) -> None:
+    # Two long CoTs of different lengths: at 160 the longer keeps a smaller share of its tokens.
+    long = [
+        {"Question": f"Case {i}?", "Complex_CoT": "reasoning step " * n, "Response": "Answer."}
+        for i, n in enumerate((100, 300))
+    ]
+    wjsonl(tmp_path / "l.jsonl", reasoning_rows(8) + long)
+    kw: dict[str, Any] = {
+        "stage1": [src("l", "jsonl", "l.jsonl", "reasoning", R_FIELDS)],
+        "max_seq_length": 160,
+        "overlong": "truncate",
+        "max_cot_loss_share": 1.0,
+        "max_loss_share": 1.0,
+    }
+    b = D.build_datasets(make_params(tmp_path, min_cot_keep_share=0.0, **kw), smol_tokenizer, tmp_path)
+    m = b.metrics
+    assert m["stage1.truncated"] == 2 and m["stage1.cot_lost"] == 0
+    lo, hi = (
+        m["stage1.cot_keep_share_min"],
+        m["stage1.cot_keep_share_mean"] * 2 - m["stage1.cot_keep_share_min"],
+    )
+    assert 0 < lo < 0.25 < hi < 1 and m["stage1.cot_keep_share_p10"] == lo  # nearest rank of two: the lower
+    # At min_cot_keep_share 0.25 the record that keeps less is dropped and counts as CoT lost.
+    b = D.build_datasets(make_params(tmp_path, min_cot_keep_share=0.25, **kw), smol_tokenizer, tmp_path)
+    m = b.metrics
+    assert (m["stage1.truncated"], m["stage1.cot_lost"], m["stage1.dropped.overlong_cot"]) == (1, 1, 1)
+    assert m["stage1.cot_keep_share_min"] == round(hi, 4)
+    msg = error_of(
+        D.build_datasets,
+        make_params(tmp_path, min_cot_keep_share=0.25, **{**kw, "max_cot_loss_share": 0.05}),
+        smol_tokenizer,
+        tmp_path,
+    )
+    assert msg.startswith(
+        "data.stage1: 1 of 10 reasoning records (10.0%) would lose their CoT at model.max_seq_length=160 (0 because "
+        "the answer would be cut, 1 because the CoT would be cut below data.min_cot_tokens=32 or "
+        "data.min_cot_keep_share=0.25), more than data.max_cot_loss_share=0.05;"
+    )
+
+
+def _instructions(n: int, n_long: int) -> list[dict[str, str]]:
+    """KoAlpaca-shaped rows; the first n_long have an answer far over 160 tokens."""
+    return [
+        {
+            "instruction": f"{i}번 증상을 설명하세요.",
+            "input": "",
+            "output": ("아주 긴 설명입니다. " * 60) if i < n_long else f"{i}번 증상은 두통입니다.",
+        }
+        for i in range(n)
+    ]
+
+
+def test_loss_contract_per_source_fails_in_one_sentence(
+    tmp_path: Path, smol_tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 6 of 10 instruction records over the limit (the issue's KoAlpaca at 192: 60 %).
+    wjsonl(tmp_path / "i.jsonl", _instructions(10, 6))
+    kw: dict[str, Any] = {
+        "stage2": [src("ko", "jsonl", "i.jsonl", "instruction", I_FIELDS)],
+        "max_seq_length": 160,
+    }
+    assert error_of(D.build_datasets, make_params(tmp_path, **kw), smol_tokenizer, tmp_path) == (
+        "data.stage2 source 'ko': 6 of 10 records (60.0%) would be lost (6 records over model.max_seq_length=160 "
+        "whose answer would be cut), more than data.max_loss_share=0.2; raise model.max_seq_length or raise "
+        "data.max_loss_share."
+    )
+    # Within the limit the loss is a warning, still one sentence, and in the metrics.
+    wjsonl(tmp_path / "i.jsonl", _instructions(10, 1))
+    with caplog.at_level("WARNING", logger="kmed.data"):
+        b = D.build_datasets(make_params(tmp_path, **kw), smol_tokenizer, tmp_path)
+    assert (
+        "data.stage2 source 'ko': 1 of 10 records (10.0%) would be lost (1 record over model.max_seq_length=160 "
+        "whose answer would be cut); the stage fails above data.max_loss_share=0.2." in caplog.messages
+    )
+    assert (b.metrics["stage2.records_lost.ko"], b.metrics["stage2.loss_share.ko"]) == (1, 0.1)
+    assert "| ko | 10 | 1 | 10.0% |" in D.data_report(make_params(tmp_path, **kw), b)
+
+
+def test_a_source_left_with_no_records_fails_unless_allowed(
+    tmp_path: Path, smol_tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The Ko-En eval pairs are the training pairs: every row is removed as eval overlap.
+    pairs = [["두통이 있어요.", "I have a headache."], ["기침이 나요.", "I have a cough."]]
+    wxlsx(tmp_path / "t.xlsx", {"S": [["원문", "번역문"], *pairs]})
+    wjsonl(tmp_path / "koen.jsonl", [{"ko": k, "en": e} for k, e in pairs])
+    koen = src("koen", "jsonl", "koen.jsonl", "pairs", {"ko": "ko", "en": "en"})
+    wjsonl(tmp_path / "s2.jsonl", _instructions(3, 0))
+    inst = src("ko", "jsonl", "s2.jsonl", "instruction", I_FIELDS)
+
+    def params(**t: Any) -> Params:
+        return make_params(
+            tmp_path, stage2=[inst, src("t", "xlsx", "t.xlsx", "translation", T_FIELDS, **t)], koen=koen
+        )
+
+    assert error_of(D.build_datasets, params(), smol_tokenizer, tmp_path) == (
+        "data.stage2 source 't' ends with no records (of its 2 rows: 2 rows equal to a data.eval item); take the "
+        "data.eval items out of the source or set allow_empty: true on the source."
+    )
+    with caplog.at_level("WARNING", logger="kmed.data"):
+        b = D.build_datasets(params(allow_empty=True), smol_tokenizer, tmp_path)
+    assert (
+        "data.stage2 source 't' ends with no records (of its 2 rows: 2 rows equal to a data.eval item); allowed "
+        "by allow_empty: true." in caplog.messages
+    )
+    assert (
+        b.metrics["stage2.rows_out.t"],
+        b.metrics["stage2.records_lost.t"],
+        b.metrics["stage2.loss_share.t"],
+    ) == (
+        0,
+        4,
+        1.0,
+    )
+    # A source that only repeats another loses nothing, but still ends empty.
+    wjsonl(tmp_path / "dup.jsonl", _instructions(3, 0))
+    p = make_params(tmp_path, stage2=[inst, src("dup", "jsonl", "dup.jsonl", "instruction", I_FIELDS)])
+    assert error_of(D.build_datasets, p, smol_tokenizer, tmp_path) == (
+        "data.stage2 source 'dup' ends with no records (of its 3 rows: 3 rows duplicating earlier rows); set "
+        "allow_empty: true on the source."
+    )
+
+
+def test_report_and_error_round_a_share_the_same(tmp_path: Path, smol_tokenizer: Any) -> None:
+    # 28 of 33 is 0.84848...: rounded to 0.8485 first it would read 84.9 % in one place and 84.8 % in the other.
+    rows = reasoning_rows(5) + [
+        {"Question": f"Long {i}?", "Complex_CoT": "c", "Response": "한국어 답변입니다. " * 100}
+        for i in range(28)
+    ]
+    wjsonl(tmp_path / "l.jsonl", rows)
+    kw: dict[str, Any] = {
+        "stage1": [src("l", "jsonl", "l.jsonl", "reasoning", R_FIELDS)],
+        "max_loss_share": 1.0,
+    }
+    msg = error_of(
+        D.build_datasets, make_params(tmp_path, max_cot_loss_share=0.8, **kw), smol_tokenizer, tmp_path
+    )
+    assert msg.startswith("data.stage1: 28 of 33 reasoning records (84.8%)")
+    p = make_params(tmp_path, max_cot_loss_share=0.9, **kw)
+    report = D.data_report(p, D.build_datasets(p, smol_tokenizer, tmp_path))
+    assert "(dropped): 28 of 33 (84.8%)" in report and "| l | 33 | 28 | 84.8% |" in report
 
 
 # --------------------------------------------------------------------------- the stage

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 FAST = {
     ("sft_stage1", "max_steps"): 2, ("sft_stage2", "max_steps"): 2,
     ("evaluate", "mcq_limit"): 4, ("evaluate", "gen_limit"): 2, ("evaluate", "translation_limit"): 2,
-    ("evaluate", "max_new_tokens"): 12,
+    ("evaluate", "max_new_tokens"): 12, ("evaluate", "samples"): 2, ("export", "min_chat_format_ok"): 0,
 }
 
 

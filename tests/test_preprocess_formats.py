@@ -15,6 +15,8 @@ import csv
 import hashlib
 import io
 import json
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +222,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer: Any) -> di
         "model.max_seq_length": MAX_LEN,
         "data.overlong": "truncate",
         "data.min_cot_tokens": 32,
+        # The long CoT keeps about a tenth of its tokens: kept here to test truncation itself; at the
+        # default min_cot_keep_share it is refused (test_a_cot_cut_to_a_tenth_is_refused_at_the_default).
+        "data.min_cot_keep_share": 0.0,
         "data.max_cot_loss_share": 0.1,
     }
     write_params(wd, **sources)
@@ -276,6 +281,18 @@ def test_long_records_keep_their_answer_and_some_cot(workdir: dict[str, Any]) ->
     assert "| med_misnamed | reasoning | jsonl | 1 | 9 | 0 | 0 | 0 | 0 | 1 | 0 | 0 | 8 |" in report
     assert f"| record over {MAX_LEN} tokens: the answer would be cut | 1 |" in report
     assert "Reasoning records that lost their CoT to the length limit (dropped): 2 of 29 (6.9%)" in report
+    assert re.search(
+        r"CoT tokens kept by the 1 records shortened to fit: mean (\d+\.\d)%, p10 \1%, min \1%;", report
+    )
+    assert m["stage1.cot_keep_share_min"] < 0.25  # what the default min_cot_keep_share refuses
+    # Each source's loss within data.max_loss_share is one WARNING sentence, and a row of the report.
+    log = workdir["proc"].stderr
+    for name in ("med_object", "med_misnamed"):
+        assert (
+            f"WARNING kmed.data: data.stage1 source '{name}': 1 of 9 records (11.1%) would be lost (1 record"
+            in log
+        )
+        assert f"| {name} | 9 | 1 | 11.1% |" in report
 
 
 def test_letter_and_integer_copies_of_the_same_mcqs_are_one_set(workdir: dict[str, Any]) -> None:
@@ -306,10 +323,117 @@ def test_cot_loss_contract_fails_in_one_sentence_and_touches_nothing(workdir: di
     last = proc.stderr.strip().splitlines()[-1]
     assert last == (
         "ERROR: data.stage1: 2 of 29 reasoning records (6.9%) would lose their CoT at model.max_seq_length=192 "
-        "(1 because the answer would be cut, 1 because the CoT would be cut below data.min_cot_tokens=32), more "
-        "than data.max_cot_loss_share=0.05; raise model.max_seq_length or data.max_cot_loss_share, or lower "
-        "data.min_cot_tokens."
+        "(1 because the answer would be cut, 1 because the CoT would be cut below data.min_cot_tokens=32 or "
+        "data.min_cot_keep_share=0), more than data.max_cot_loss_share=0.05; raise model.max_seq_length or "
+        "data.max_cot_loss_share, or lower data.min_cot_tokens or data.min_cot_keep_share."
     )
     assert "Traceback" not in proc.stderr
     assert _digest(wd) == before
     assert not [p for p in (wd / "data").iterdir() if p.name.startswith(".processed")]
+
+
+def _refused(workdir: dict[str, Any], **overrides: Any) -> str:
+    """Run preprocess with the fixture's params changed; return its last line, checking it failed and
+    changed nothing (the fixture's params are restored after)."""
+    wd = workdir["path"]
+    before = _digest(wd)
+    write_params(wd, **{**workdir["sources"], **overrides})
+    try:
+        proc = run_stage(wd, "stages.preprocess", check=False)
+    finally:
+        write_params(wd, **workdir["sources"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert _digest(wd) == before
+    assert not [p for p in (wd / "data").iterdir() if p.name.startswith(".processed")]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_cot_cut_to_a_tenth_is_refused_at_the_default(workdir: dict[str, Any]) -> None:
+    # The issue's 192-token run kept 7-22 % of each cut CoT and counted them all as kept.
+    assert _refused(workdir, **{"data.min_cot_keep_share": 0.25}) == (
+        "ERROR: data.stage1: 3 of 29 reasoning records (10.3%) would lose their CoT at model.max_seq_length=192 "
+        "(1 because the answer would be cut, 2 because the CoT would be cut below data.min_cot_tokens=32 or "
+        "data.min_cot_keep_share=0.25), more than data.max_cot_loss_share=0.1; raise model.max_seq_length or "
+        "data.max_cot_loss_share, or lower data.min_cot_tokens or data.min_cot_keep_share."
+    )
+
+
+def test_an_unmapped_question_next_to_a_question_column_is_refused(workdir: dict[str, Any]) -> None:
+    # medical-o1 as published: `question` is the source MCQ stem, `Question` the rewritten question.
+    wd = workdir["path"]
+    recs = [
+        {"question": f"Stem {i}: which drug?", **r, "options": {"A": "x"}}
+        for i, r in enumerate(_medical(4, "o1"))
+    ]
+    (wd / "data/raw/medical_o1.json").write_text(
+        json.dumps(recs, ensure_ascii=False, indent=2), encoding="utf-8"
+    )
+    source = {"name": "o1", "kind": "json", "path": "data/raw/medical_o1.json", "task": "reasoning"}
+    unmapped = {**source, "fields": {"cot": "Complex_CoT", "answer": "Response"}}
+    assert _refused(workdir, **{"data.stage1.sources": [unmapped]}) == (
+        "ERROR: data/raw/medical_o1.json record 1: fields does not map 'question', so it would read the column "
+        "'question', but the file also has 'Question'; map it explicitly (fields: {question: Question} or "
+        "{question: question})."
+    )
+
+
+def test_instruction_records_over_the_limit_fail_the_loss_contract(workdir: dict[str, Any]) -> None:
+    # KoAlpaca as a JSON array; at 192 tokens 6 of its 10 answers cannot fit (the issue saw 180 of 300).
+    wd = workdir["path"]
+    rows = [
+        {
+            "instruction": f"{i}번 질문: 감기에 좋은 음식은?",
+            "input": "",
+            "output": ("따뜻한 국물과 충분한 수분 섭취가 좋습니다. " * 12) if i < 6 else "죽이 좋습니다.",
+        }
+        for i in range(10)
+    ]
+    (wd / "data/raw/koalpaca.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    koalpaca = {
+        "name": "koalpaca",
+        "kind": "json",
+        "path": "data/raw/koalpaca.json",
+        "task": "instruction",
+        "fields": {"instruction": "instruction", "input": "input", "output": "output"},
+    }
+    assert _refused(workdir, **{"data.stage2.sources": [koalpaca]}) == (
+        "ERROR: data.stage2 source 'koalpaca': 6 of 10 records (60.0%) would be lost (6 records over "
+        "model.max_seq_length=192 whose answer would be cut), more than data.max_loss_share=0.2; raise "
+        "model.max_seq_length or raise data.max_loss_share."
+    )
+
+
+def test_eval_pairs_equal_to_a_training_source_leave_it_empty(
+    workdir: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # The Ko-En eval pairs are the AI Hub workbook's own pairs: all of them go as eval overlap.
+    wd = workdir["path"]
+    _write_csv(
+        wd / "data/raw/koen_same.csv",
+        [[f"{i}일째 기침이 나요.", f"I have had a cough for {i} days."] for i in range(4)],
+    )
+    koen = {**workdir["sources"]["data.eval.koen"], "path": "data/raw/koen_same.csv"}
+    assert _refused(workdir, **{"data.eval.koen": koen}) == (
+        "ERROR: data.stage2 source 'aihub' ends with no records (of its 4 rows: 4 rows equal to a data.eval item); "
+        "take the data.eval items out of the source or set allow_empty: true on the source."
+    )
+    # Declared as possibly empty, the stage runs and says so in one WARNING (in a copy: the fixture stays).
+    copy = tmp_path_factory.mktemp("allow_empty") / "wd"
+    shutil.copytree(wd, copy)
+    aihub = [
+        {**s, "allow_empty": True} if s["name"] == "aihub" else s
+        for s in workdir["sources"]["data.stage2.sources"]
+    ]
+    write_params(copy, **{**workdir["sources"], "data.eval.koen": koen, "data.stage2.sources": aihub})
+    proc = run_stage(copy, "stages.preprocess")
+    assert (
+        "WARNING kmed.data: data.stage2 source 'aihub' ends with no records (of its 4 rows: 4 rows equal to a "
+        "data.eval item); allowed by allow_empty: true." in proc.stderr
+    )
+    m = json.loads((copy / "metrics/data.json").read_text())
+    assert (m["stage2.rows_out.aihub"], m["stage2.records_lost.aihub"], m["eval.overlap_removed"]) == (
+        0,
+        8,
+        4,
+    )

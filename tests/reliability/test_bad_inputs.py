@@ -96,6 +96,62 @@ def symlink_out(repo: PipelineRepo, tmp: Path) -> str:
     return "source 'kocommercial_sample': 'data/raw/linked.jsonl' resolves outside the repository root"
 
 
+def case_variant_column(repo: PipelineRepo, tmp: Path) -> str:
+    """medical-o1 as published: a JSON array whose records hold `question` (the source MCQ stem) next to
+    `Question` (what the CoT answers); the params leave `question` unmapped."""
+    import yaml
+
+    lines = (repo.path / "data/samples/medical_reasoning.jsonl").read_text(encoding="utf-8").splitlines()
+    recs = [{"question": f"Stem {i}", **json.loads(line)} for i, line in enumerate(lines)]
+    (repo.path / "data/raw/medical_o1.json").write_text(json.dumps(recs, ensure_ascii=False, indent=2))
+    raw = yaml.safe_load((repo.path / "params.yaml").read_text())
+    src = raw["data"]["stage1"]["sources"][0]
+    src.update(
+        kind="json", path="data/raw/medical_o1.json", fields={"cot": "Complex_CoT", "answer": "Response"}
+    )
+    (repo.path / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
+    return (
+        "data/raw/medical_o1.json record 1: fields does not map 'question', so it would read the column "
+        "'question', but the file also has 'Question'; map it explicitly"
+    )
+
+
+def instructions_over_the_limit(repo: PipelineRepo, tmp: Path) -> str:
+    """36 of the 60 Korean instructions get an answer far over model.max_seq_length (KoAlpaca at 192: 60 %)."""
+    f = repo.path / "data/samples/ko_instructions.jsonl"
+    rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines()]
+    for r in rows[:36]:
+        r["output"] = " ".join([r["output"]] * 6)
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return (
+        "data.stage2 source 'kocommercial_sample': 36 of 60 records (60.0%) would be lost (36 records over "
+        "model.max_seq_length=192 whose answer would be cut), more than data.max_loss_share=0.2; raise "
+        "model.max_seq_length or raise data.max_loss_share."
+    )
+
+
+def eval_pairs_are_a_training_source(repo: PipelineRepo, tmp: Path) -> str:
+    """The Ko-En eval pairs are the AI Hub workbooks' own pairs: all 235 rows go as eval overlap."""
+    import openpyxl
+
+    pairs = []
+    for book in sorted((repo.path / "data/samples/aihub_koen").glob("*.xlsx")):
+        wb = openpyxl.load_workbook(book, read_only=True)
+        for ws in wb:
+            rows = ws.iter_rows(values_only=True)
+            header = list(next(rows))
+            pairs += [{"ko": r[header.index("원문")], "en": r[header.index("번역문")]} for r in rows]
+        wb.close()
+    (repo.path / "data/samples/koen_test.jsonl").write_text(
+        "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8"
+    )
+    return (
+        f"data.stage2 source 'aihub_koen_sample' ends with no records (of its {len(pairs)} rows: {len(pairs)} rows "
+        "equal to a data.eval item); take the data.eval items out of the source or set allow_empty: true on the "
+        "source."
+    )
+
+
 CASES: dict[str, Callable[[PipelineRepo, Path], str]] = {
     "empty file": empty_file,
     "wrong columns": wrong_columns,
@@ -103,6 +159,9 @@ CASES: dict[str, Callable[[PipelineRepo, Path], str]] = {
     "path with ..": dotdot_path,
     "absolute path": absolute_path,
     "symlink out of the repo": symlink_out,
+    "unmapped field next to a case variant": case_variant_column,
+    "instruction records over the limit": instructions_over_the_limit,
+    "eval pairs equal to a training source": eval_pairs_are_a_training_source,
 }
 
 
@@ -208,7 +267,7 @@ CP949_ROWS = [  # instruction, input, output
 @pytest.fixture(scope="module")
 def messy_run(pipeline_repo_session: PipelineRepo) -> dict:
     """One good `dvc repro` over inputs that need the documented handling: a CP949 CSV with an RRN and
-    duplicate rows, and a reasoning record far longer than model.max_seq_length."""
+    duplicate rows, and two reasoning records longer than model.max_seq_length."""
     import yaml
 
     repo = pipeline_repo_session
@@ -224,21 +283,22 @@ def messy_run(pipeline_repo_session: PipelineRepo) -> dict:
             {"name": "cp949_csv", "kind": "csv", "path": "data/raw/cp949.csv", "task": "instruction"}
         )
         (p / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
-        long_cot = " ".join(
-            f"Step {i}: consider the differential and rule out a serious cause." for i in range(300)
-        )
+        # Two reasoning records over the window: one keeps about half of its CoT when cut to fit, one
+        # would keep 2 % (below data.min_cot_keep_share, so it is dropped and counted as CoT lost).
         with (p / "data/samples/medical_reasoning.jsonl").open("a", encoding="utf-8") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "Question": "An overlong case: what is the first step for acute chest pain?",
-                        "Complex_CoT": long_cot,
-                        "Response": "Obtain a 12-lead ECG within 10 minutes.",
-                    },
-                    ensure_ascii=False,
+            for question, steps in (
+                ("An overlong case: what is the first step for acute chest pain?", 15),
+                ("A far overlong case: what is the first step for acute chest pain?", 300),
+            ):
+                cot = " ".join(
+                    f"Step {i}: consider the differential and rule out a serious cause." for i in range(steps)
                 )
-                + "\n"
-            )
+                rec = {
+                    "Question": question,
+                    "Complex_CoT": cot,
+                    "Response": "Obtain a 12-lead ECG within 10 minutes.",
+                }
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         lock = (p / "dvc.lock").read_bytes()
         proc = repo.repro()
         processed = {
@@ -301,3 +361,23 @@ def test_overlong_record_is_truncated_to_fit(messy_run: dict) -> None:
     (rec,) = [r for r in _records(messy_run, "stage1") if "An overlong case" in r["prompt"]]
     assert rec["completion"].endswith("Obtain a 12-lead ECG within 10 minutes.<|im_end|>")
     assert "</think>" in rec["completion"] and rec["n_tokens"] <= 192
+    assert 0.25 <= m["stage1.cot_keep_share_min"] < 1  # about half of its CoT tokens (data/report: the share)
+    assert "CoT tokens kept by the 1 records shortened to fit: mean" in messy_run["reports"]["data_report.md"]
+
+
+def test_a_cot_that_would_keep_a_sliver_is_dropped_and_counted(messy_run: dict) -> None:
+    m = messy_run["metrics"]
+    assert not [r for r in _records(messy_run, "stage1") if "A far overlong case" in r["prompt"]]
+    assert (m["stage1.dropped.overlong_cot"], m["stage1.cot_lost"], m["stage1.reasoning_records"]) == (
+        1,
+        1,
+        332,
+    )
+    assert (m["stage1.records_lost.medical_o1_sample"], m["stage1.loss_share.medical_o1_sample"]) == (
+        1,
+        0.003,
+    )
+    assert (
+        "WARNING kmed.data: data.stage1 source 'medical_o1_sample': 1 of 332 records (0.3%) would be lost"
+        in messy_run["proc"].stderr
+    )
