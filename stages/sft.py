@@ -541,6 +541,10 @@ def main() -> None:
                 "(lower train.learning_rate or check the data)."
             )
         train_s = time.time() - t_train
+        # The peak at the end of training, whatever the logging cadence (a run shorter than
+        # train.logging_steps logs no curve row on CUDA, and its peak was 0.0).
+        peak_end = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
         world = trainer.args.world_size
         tokens = counter.tokens
         if world > 1:  # every rank's tokens (collective: all ranks reach this line)
@@ -578,7 +582,7 @@ def main() -> None:
             "tokens_per_s_steady": steady * world if (steady := steady_tps(curve)) else None,
             "train_seconds": round(train_s, 1),
             "load_seconds": round(t_train - t_load, 1),
-            "peak_mem_gib": max((r["peak_mem_gib"] for r in curve), default=0.0),
+            "peak_mem_gib": max([peak_end] + [r["peak_mem_gib"] for r in curve]),
             # what the caching allocator held at most: the number a card's capacity must cover (CUDA only)
             "peak_mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
             "trainable_params": trainable,

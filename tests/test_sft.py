@@ -118,6 +118,7 @@ def test_stage_trains_lora_only_and_loss_falls(tmp_path: Path, tiny_model_dir: P
     assert m["steps"] == 12 and m["train_loss_final"] < m["train_loss_first"]
     assert m["val_loss_final"] < m["val_loss_start"]
     assert m["tokens_seen"] > 0 and m["tokens_per_s"] > 0
+    assert m["peak_mem_gib"] > 0  # read at the end of training too, whatever train.logging_steps logged
     curve = (wd / "metrics/sft-stage1-curve.tsv").read_text().splitlines()
     assert curve[0].startswith("step\tloss") and len(curve) == 13
     lora = _lora_tensors(wd / "models/stage1/adapter")
