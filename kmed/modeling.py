@@ -315,13 +315,12 @@ def load_for_inference(folder: str | Path, trust_remote_code: bool = False) -> t
     refuse_unsafe_model(Path(folder), trust_remote_code)
     free = gpu_free_planned(torch.cuda.mem_get_info()[0], torch.cuda.memory_reserved())
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # A bf16/fp16 checkpoint loads at its file size; an fp32 one is halved by the cast.
     need = weights * (0.5 if _saved_fp32(folder) else 1.0) * 1.25
     kw: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code,
                           "attn_implementation": "sdpa", "device_map": {"": torch.cuda.current_device()}}
     if _prequantized(folder):  # e.g. the recipe's unsloth/...-bnb-4bit base: loads 4-bit as saved
         notes["load_4bit"] = 1
-    elif need > free:
+    elif planned_placement(folder, free) == "nf4":
         from transformers import BitsAndBytesConfig
 
         kw["quantization_config"] = BitsAndBytesConfig(
@@ -333,6 +332,16 @@ def load_for_inference(folder: str | Path, trust_remote_code: bool = False) -> t
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kw)
     notes["on_gpu"] = 1
     return model, notes
+
+
+def planned_placement(folder: str | Path, free: int) -> str:
+    """How load_for_inference places a model on a GPU with `free` bytes: `bf16` (16-bit) when the weights fit
+    with 25 % to spare for the KV cache and activations, else `nf4`. A bf16/fp16 checkpoint loads at its file
+    size; an fp32 one is halved by the cast; a pre-quantized one stays 4-bit."""
+    if _prequantized(folder):
+        return "nf4"
+    need = checkpoint_bytes(folder) * (0.5 if _saved_fp32(folder) else 1.0) * 1.25
+    return "nf4" if need > free else "bf16"
 
 
 def _prequantized(folder: str | Path) -> bool:

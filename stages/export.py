@@ -177,7 +177,7 @@ def main() -> None:
     prompts = [prompter.prompt(q) for q in QUESTIONS]
     texts = heldout_ids(tok, ec.check_texts, ec.check_max_tokens)
     with autocast_context(hf):
-        ref = [g["ids"] for g in greedy_generate(hf, tok, prompts, ec.parity_tokens, batch_size=1)]
+        ref = [g["ids"] for g in greedy_generate(hf, tok, prompts, ec.parity_tokens, batch_size=1, engine="dynamic")]
         ppl_hf = hf_ppl(hf, texts)
     # The reference leaves the GPU before llama.cpp opens any GGUF there (gpu_offload sizes each GGUF's
     # offload by the memory free then); gc first: accelerate's hooks can keep a model alive in a cycle.
