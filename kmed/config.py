@@ -278,7 +278,17 @@ class EvaluateCfg(_Frozen):
     translation_limit: int = Field(20, ge=0)
     max_new_tokens: int = Field(96, ge=1)
     val_limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
+    # Rows per batch of generation (and of the val/MCQ forwards). auto: on CUDA the largest generation batch
+    # whose KV cache fits the memory left after the model is placed, at most 32 (kmed.lm.auto_batch_size;
+    # val/MCQ at 4, where the batch does not change the rate); on the CPU 8.
+    batch_size: int | Literal["auto"] = 8
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("evaluate.batch_size must be >= 1 or auto")
+        return v
 
 
 class ExportCfg(_Frozen):

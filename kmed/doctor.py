@@ -30,11 +30,13 @@ t = per_device_train_batch_size × model.max_seq_length tokens, o optimizer byte
                 saves)·((4 + o)·A + tok + 1 MB), less what is there already
   merge         RAM merge.max_shard_size + adapter + 1 GB (the streaming merge); disk 2·P + tok
   evaluate CPU  RAM  4·P + 4·V·b·(max_seq_length + max_new_tokens) + 1 GB (fp32), b = evaluate.batch_size
+                (8 for auto)
   evaluate GPU  VRAM 0.52·(P-E) + 2·E    NF4 weights, 16-bit embeddings: the fallback of
                                          kmed.modeling.load_for_inference (bf16 when 1.25 × the checkpoint
                                          fits), so only a model that does not fit even in 4-bit is refused
                      + kv·b·n            KV cache, kv = 2·L·kv_heads·head_dim·2 bytes a token,
-                                         n = max_seq_length + max_new_tokens
+                                         n = max_seq_length + max_new_tokens; b = evaluate.batch_size, 1 for
+                                         auto (the batch is then sized to what is free: kmed.lm.auto_batch_size)
                      + 4·V·max(b, 1024)  fp32 logits: a batch's last positions, or kmed.lm.masked_loss's
                                          1024-row chunk
                 RAM 1 GB + the largest shard: models/base's (5 GB before prepare-base) or merge.max_shard_size
@@ -51,6 +53,14 @@ t = per_device_train_batch_size × model.max_seq_length tokens, o optimizer byte
 
 GPU memory free is asked of cuda:LOCAL_RANK (sft) or cuda:0 (evaluate, export) and capped by KMED_GPU_MEM_GB
 (GiB), as kmed.modeling.load_for_inference caps it.
+
+Evaluate's duration (`evaluate_eta`, logged by the stage before its first model): from rates measured on one
+H200 with the stage's own code (bench/RESULTS.md, "GPU: evaluate's engines"), scaled to the card by its memory
+bandwidth (decode) and dense bf16 FLOP/s (forwards) when `CARDS` names it. Per model: load (checkpoint at
+1 GB/s), the decode step's compile (2.8 s a layer), val and MCQ forwards (2·P FLOP a token at 5.5e14 FLOP/s
+in bf16, 4.7e14 in nf4), and each generation batch: its prefill, then max_new_tokens decode steps of
+4.2 ms + 2·P / (3.78e12 B/s bf16, 0.94e12 nf4) + 3.58e-12 s·kv·b·(prompt + max_new_tokens). An upper bound
+for generation: every sequence is taken to run to max_new_tokens.
 
 DVC commit (`dvc repro` stores a cached output in .dvc/cache): free when the cache type list starts with
 `hardlink` and the cache is on the output's filesystem (.dvc/config); otherwise the output's size again,
@@ -472,9 +482,10 @@ def evaluate_needs(params: Params, arch: Arch, root: Path, cuda: bool) -> list[N
     P, ec = arch.param_count(), params.evaluate
     n = params.model.max_seq_length + ec.max_new_tokens
     if cuda:
-        rows, what = max(ec.batch_size, LOSS_CHUNK), "one model at a time, KV cache, logits"
-        return infer_gpu_needs(params, arch, root, ec.batch_size, n, rows, what)
-    act = ec.batch_size * n * arch.vocab * 4
+        b = ec.batch_size if isinstance(ec.batch_size, int) else 1  # auto sizes itself to what is free
+        rows, what = max(b, LOSS_CHUNK), "one model at a time, KV cache, logits"
+        return infer_gpu_needs(params, arch, root, b, n, rows, what)
+    act = (ec.batch_size if isinstance(ec.batch_size, int) else 8) * n * arch.vocab * 4
     return [
         Need(
             "RAM",
@@ -485,6 +496,55 @@ def evaluate_needs(params: Params, arch: Arch, root: Path, cuda: bool) -> list[N
             "4·P (fp32, CPU) + batch·(max_seq_length+max_new_tokens)·V·4 logits + 1 GB",
         )
     ]
+
+
+# Evaluate's rates, measured on one H200 (bench/RESULTS.md, "GPU: evaluate's engines", 2026-12-04): random-weight
+# Qwen2.5 7B and 32B through the stage's own code, kmed.lm's CUDA engine (static cache, compiled decode step).
+STEP_FIXED_S = 4.2e-3                             # a decode step's cost whatever the model
+STEP_WEIGHT_BW = {"bf16": 3.78e12, "nf4": 0.94e12}  # 16-bit weight bytes (2·P) per second of decode step
+STEP_KV_S = 3.58e-12                              # seconds per byte of static KV cache (b × cache length)
+FORWARD_FLOPS = {"bf16": 5.5e14, "nf4": 4.7e14}   # 2·P·tokens per second of val/MCQ/prefill forwards
+COMPILE_S_PER_LAYER = 2.8                         # the decode step compiled twice a model (one shape, then dynamic)
+LOAD_BYTES_S = 1e9                                # checkpoint read per second (disk-bound; a guess, not measured)
+# Memory bandwidth (B/s) and dense bf16 FLOP/s by the vendors' datasheets: what the H200 rates are scaled by.
+CARDS = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12), "H800": (3.35e12, 989e12), "A100": (2.0e12, 312e12),
+         "L40S": (0.86e12, 362e12), "RTX 6000 Ada": (0.96e12, 364e12), "A6000": (0.77e12, 155e12),
+         "4090": (1.0e12, 165e12), "3090": (0.94e12, 71e12), "L4": (0.3e12, 121e12), "A10": (0.6e12, 125e12)}
+
+
+def card_rates(name: str) -> tuple[str, float, float]:
+    """(the card matched, bandwidth scale, FLOP/s scale) against the H200 the rates were measured on; an unknown
+    card gets the H200's rates, said in the name."""
+    for key, (bw, fl) in CARDS.items():
+        if key.lower() in name.lower():
+            return key, bw / CARDS["H200"][0], fl / CARDS["H200"][1]
+    return f"{name or 'unknown card'} (unknown: H200 rates)", 1.0, 1.0
+
+
+def evaluate_eta(arch: Arch, *, models: int, weights: str, batch: int, mcq_tokens: int, val_tokens: int,
+                 gen: list[tuple[int, int]], max_new_tokens: int, checkpoint_bytes: int, card: str) -> dict[str, Any]:
+    """Seconds of evaluate on `card` (see the module docstring): `gen` lists (prompt tokens, sequences) per
+    generation set, sequences = prompts × samples; `weights` is how the models are placed (bf16 or nf4)."""
+    name, bw, fl = card_rates(card)
+    P, kv = arch.param_count(), kv_bytes(arch)
+    fwd_tok_s = FORWARD_FLOPS[weights] * fl / (2 * P)
+    parts = {"load": checkpoint_bytes / LOAD_BYTES_S, "compile": COMPILE_S_PER_LAYER * arch.layers,
+             "val": val_tokens / fwd_tok_s, "mcq": mcq_tokens / fwd_tok_s, "generation": 0.0}
+    for prompt, seqs in gen:
+        step = STEP_FIXED_S + 2 * P / (STEP_WEIGHT_BW[weights] * bw) + STEP_KV_S / bw * kv * batch * (prompt + max_new_tokens)
+        parts["generation"] += math.ceil(seqs / batch) * (batch * prompt / fwd_tok_s + max_new_tokens * step)
+    return {"card": name, "per_model": parts, "total_s": models * sum(parts.values())}
+
+
+def eta_sentence(eta: dict[str, Any], models: int, weights: str, batch: int, seqs: int, max_new: int) -> str:
+    def t(s: float) -> str:
+        return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
+
+    parts = ", ".join(f"{k} {t(v)}" for k, v in eta["per_model"].items())
+    return (f"estimated {t(eta['total_s'])} on {eta['card']}: {models} model(s) × ({parts}); {seqs} generated "
+            f"sequences a model of at most {max_new} new tokens, batch {batch}, {weights} weights. Rates measured on "
+            "an H200 (bench/RESULTS.md) and scaled to this card; generation is an upper bound (every sequence runs "
+            "to max_new_tokens)")
 
 
 def export_needs(params: Params, arch: Arch, root: Path, planning: bool, cuda: bool) -> list[Need]:

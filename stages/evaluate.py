@@ -86,7 +86,7 @@ def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dic
     import torch
 
     from kmed.data import EN2KO_INSTRUCTION, KO2EN_INSTRUCTION, render_prompt
-    from kmed.lm import encode_records, greedy_generate, masked_loss
+    from kmed.lm import encode_records, generation_engine, greedy_generate, masked_loss
     from kmed.modeling import autocast_context, load_for_inference, load_tokenizer
     from kmed.prompt import Prompter
 
@@ -102,7 +102,9 @@ def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dic
     model.eval()
     m: dict[str, float] = {"on_gpu": notes["on_gpu"], "load_4bit": notes["load_4bit"]}
     gens: list[dict[str, Any]] = []
-    bs = ec.batch_size
+    bs = ec.batch_size if isinstance(ec.batch_size, int) else 4  # val/MCQ forwards: compute-bound at any batch
+    log.info("%s: generation engine %s (kmed.lm), evaluate.batch_size %s", name, generation_engine(model),
+             ec.batch_size)
     prompter = Prompter(params.data.prompt_format, system, tok)
     with autocast_context(model):
         # Loss and perplexity on each stage's val split.
@@ -121,7 +123,8 @@ def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dic
         m["mcq_n"] = len(items)
         if ec.mcq_generate:  # slower: let the model reason, then extract the letter it commits to
             prompts = [render_prompt(system, mcq_question_text(it)) for it in items]
-            outs = greedy_generate(model, tok, prompts, ec.max_new_tokens, bs, desc="mcq generate")
+            outs = greedy_generate(model, tok, prompts, ec.max_new_tokens, gen_batch(model, tok, prompts, ec),
+                                   desc="mcq generate")
             m["mcq_gen_acc"] = sum(extract_letter(o["text"]) == it["answer"] for o, it in zip(outs, items, strict=True)) / max(len(items), 1)
 
         # Reasoning format and degenerate repetition on held-out medical questions, then translation both
@@ -237,7 +240,8 @@ def main() -> None:
     log.info("generations: %s", f"greedy, max_new_tokens {ec.max_new_tokens}" if ec.decoding == "greedy" else
              f"{ec.samples} samples per prompt (seeds {sample_seeds(ec)}), {dec}, max_new_tokens {ec.max_new_tokens}")
 
-    # Models, one at a time (memory), in pipeline order.
+    # Models, one at a time (memory), in pipeline order; first, how long that should take here.
+    log.info("evaluate: %s", duration_estimate(params, sets))
     t0 = time.time()
     per_model: dict[str, dict[str, float]] = {}
     generations: list[dict[str, Any]] = []
@@ -269,9 +273,69 @@ def generations(model: Any, tok: Any, prompts: list[str], ec: Any, dec: dict[str
     """Per prompt, its generations: `evaluate.samples` seeded samples, or one greedy decode."""
     from kmed.lm import greedy_generate, sample_generate
 
+    b = gen_batch(model, tok, prompts, ec)
     if ec.decoding == "greedy":
-        return [[o] for o in greedy_generate(model, tok, prompts, ec.max_new_tokens, ec.batch_size, desc=desc)]
-    return sample_generate(model, tok, prompts, ec.max_new_tokens, ec.batch_size, dec, sample_seeds(ec), desc=desc)
+        return [[o] for o in greedy_generate(model, tok, prompts, ec.max_new_tokens, b, desc=desc)]
+    return sample_generate(model, tok, prompts, ec.max_new_tokens, b, dec, sample_seeds(ec), desc=desc)
+
+
+def gen_batch(model: Any, tok: Any, prompts: list[str], ec: Any) -> int:
+    """evaluate.batch_size; with `auto`, the largest batch whose KV cache for these prompts fits what the GPU
+    has left (kmed.lm.auto_batch_size), logged."""
+    from kmed.lm import PAD_MULTIPLE, auto_batch_size
+
+    if isinstance(ec.batch_size, int):
+        return ec.batch_size
+    longest = max((len(x) for x in tok(prompts, add_special_tokens=True)["input_ids"]), default=0)
+    b = auto_batch_size(model, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, ec.max_new_tokens)
+    log.info("generation batch %d (auto: prompts up to %d tokens + %d new)", b, longest, ec.max_new_tokens)
+    return b
+
+
+def duration_estimate(params: Params, sets: dict[str, Any]) -> str:
+    """Evaluate's expected duration on this GPU from measured rates (kmed.doctor.evaluate_eta), counted on
+    the real sets: val and MCQ tokens, generation prompts × samples."""
+    import torch
+
+    from kmed.data import EN2KO_INSTRUCTION, KO2EN_INSTRUCTION
+    from kmed.doctor import NF4_BYTES, Arch, eta_sentence, evaluate_eta, find_config, kv_bytes
+    from kmed.io import gpu_free_planned
+    from kmed.lm import PAD_MULTIPLE, batch_that_fits, seq_bytes
+    from kmed.modeling import checkpoint_bytes, load_tokenizer, planned_placement
+    from kmed.prompt import Prompter
+
+    if not torch.cuda.is_available():
+        return "no estimate on the CPU (measured CPU runs: bench/RESULTS.md)"
+    ec, found = params.evaluate, find_config(params, Path("."))
+    if found is None or not ec.models:
+        return "no estimate: no config.json for the model"
+    arch, first = Arch.from_config(found[0]), MODEL_DIRS[ec.models[0]]
+    tok = load_tokenizer(first)
+    prompter = Prompter(params.data.prompt_format, params.data.system_prompt, tok)
+
+    def lens(texts: list[str]) -> list[int]:
+        return [len(x) for x in tok(texts, add_special_tokens=True)["input_ids"]] if texts else []
+
+    def padded(texts: list[str]) -> int:
+        return -(-max(lens(texts), default=0) // PAD_MULTIPLE) * PAD_MULTIPLE
+
+    val = sum(min(n, params.model.max_seq_length) for n in lens(
+        [r["prompt"] + r["completion"] for r in sets["val_stage1"] + sets["val_stage2"]]))
+    mcq = sum(lens([prompter.prompt(mcq_question_text(it)) for it in sets["mcq"]]))
+    k = ec.samples if ec.decoding == "sampled" else 1
+    gen = [(padded([prompter.prompt(q) for q in sets["format_questions"]]), k * len(sets["format_questions"]))]
+    gen += [(padded([prompter.prompt(f"{ins}\n\n{p[src]}") for p in sets["koen"]]), k * len(sets["koen"]))
+            for ins, src in ((KO2EN_INSTRUCTION, "ko"), (EN2KO_INSTRUCTION, "en")) if sets["koen"]]
+    free = gpu_free_planned(torch.cuda.mem_get_info()[0], torch.cuda.memory_reserved())
+    weights = planned_placement(first, free)
+    P = arch.param_count()
+    placed = 2 * P if weights == "bf16" else NF4_BYTES * (P - arch.embedding_params) + 2 * arch.embedding_params
+    per_seq = seq_bytes(kv_bytes(arch), arch.inter, arch.vocab, max((g[0] for g in gen), default=0), ec.max_new_tokens)
+    b = ec.batch_size if isinstance(ec.batch_size, int) else batch_that_fits(int(free - placed), per_seq)
+    eta = evaluate_eta(arch, models=len(ec.models), weights=weights, batch=b, mcq_tokens=mcq, val_tokens=val, gen=gen,
+                       max_new_tokens=ec.max_new_tokens, checkpoint_bytes=checkpoint_bytes(first),
+                       card=torch.cuda.get_device_name(0))
+    return eta_sentence(eta, len(ec.models), weights, b, sum(g[1] for g in gen), ec.max_new_tokens)
 
 
 def sample_seeds(ec: Any) -> list[int]:

@@ -507,3 +507,31 @@ def test_sft_with_too_little_room_for_its_checkpoints_is_refused_up_front(
             and f"free disk on {ckroot} for models/checkpoints/stage1 but 2.1 MB is free (" in err
         ), err
         assert not list(ckroot.iterdir()) and not (wd / "models/stage1").exists()  # not even the FINGERPRINT
+
+
+def test_evaluate_eta_reproduces_the_measured_h200_rows_and_scales_by_card() -> None:
+    """bench/RESULTS.md (evaluate's engines, H200): 64 prompts of up to 400 tokens × 1,024 new tokens of a 32B bf16
+    model at batch 32 took 129.2 s with the compiled static cache; one nf4 decode step at batch 8 took 76.1 ms."""
+    arch = Arch.from_config(QWEN_32B)
+    kw = {"models": 1, "mcq_tokens": 0, "val_tokens": 0, "checkpoint_bytes": 0, "card": "NVIDIA H200"}
+    full = doctor.evaluate_eta(arch, weights="bf16", batch=32, gen=[(400, 64)], max_new_tokens=1024, **kw)
+    assert full["per_model"]["generation"] == pytest.approx(129.2, rel=0.1)
+    nf4 = doctor.evaluate_eta(arch, weights="nf4", batch=8, gen=[(256, 8)], max_new_tokens=64, **kw)
+    assert nf4["per_model"]["generation"] / 64 == pytest.approx(0.0761, rel=0.1)
+    # An H100 has 3.35 of the H200's 4.8 TB/s: decode is slower, the compute-bound val pass is not.
+    h100 = doctor.evaluate_eta(arch, weights="bf16", batch=32, gen=[(400, 64)], max_new_tokens=1024,
+                               **{**kw, "card": "NVIDIA H100 80GB HBM3", "val_tokens": 10**6})
+    assert h100["card"] == "H100" and h100["per_model"]["generation"] > 1.3 * full["per_model"]["generation"]
+    assert h100["per_model"]["val"] == pytest.approx(10**6 * 2 * arch.param_count() / 5.5e14)
+    assert "unknown" in doctor.evaluate_eta(arch, weights="bf16", batch=1, gen=[], max_new_tokens=1,
+                                            **{**kw, "card": "Some GPU"})["card"]
+
+
+def test_evaluate_batch_auto_plans_one_sequence_of_kv(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """With evaluate.batch_size auto the stage sizes its batch to what is free, so pre-flight asks for one."""
+    monkeypatch.setattr(doctor, "cuda_available", lambda: True)
+    one = _root(tmp_path / "a", QWEN_32B, "recipes/r1-32b-medical-ko.yaml", **{"evaluate.batch_size": 1})
+    auto = _root(tmp_path / "b", QWEN_32B, "recipes/r1-32b-medical-ko.yaml", **{"evaluate.batch_size": "auto"})
+    need = {r: next(n.need for n in estimate("evaluate", load_params(r / "params.yaml"), r) if n.resource == "VRAM")
+            for r in (one, auto)}
+    assert need[one] == need[auto]
