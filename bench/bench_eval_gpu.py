@@ -2,7 +2,7 @@
 
     python bench/bench_eval_gpu.py run --plan bf16 --out $OUT/eval-gpu.jsonl --budget-s 480
     python bench/bench_eval_gpu.py run --plan tiny --out /tmp/rows.jsonl          # the CPU smoke of the same code
-    python bench/bench_eval_gpu.py totals --results bench/results/eval-gpu-2026-12-04.jsonl   # the recipe per box
+    python bench/bench_eval_gpu.py totals bench/results/eval-gpu-*-2026-12-04.jsonl   # the recipe per target box
 
 Models are random-weight Qwen2.5 / R1-Distill-Qwen shapes (bench/gpu_bench.SHAPES) built directly on the GPU in
 bf16 (under a second even at 32B); `nf4` then swaps every decoder linear for a bitsandbytes `Linear4bit` (nf4,
@@ -14,7 +14,10 @@ What each row times (CUDA synchronized, `torch.cuda.max_memory_allocated` reset 
 - `val`: `kmed.lm.masked_loss` on N records of P tokens (70 % label tokens) -> tokens/s.
 - `gen`: one engine on B prompts of P tokens, run twice: with 1 new token (the prefill) and with M; the decode
   step is (t_M - t_1) / (M - 1), at a mean context of P + M/2. Two contexts (P 256 and 1,024) give the step's
-  growth with the context, from which `totals` integrates a 1,024-token generation.
+  growth with the context (for the static cache: with its length, P + M, at every step).
+- `full`: the recipe's medical set as evaluate runs it (64 prompts of 200-400 tokens, 1,024 new, batch 32).
+`totals` turns the rows into the recipe's whole evaluate per target box, before (the recipe as shipped: batch 2,
+dynamic cache, eager; the measured eager steps) and after (kmed.doctor.evaluate_eta, the model fitted to these rows).
   Engines: `hf` = `kmed.lm.greedy_generate` (today's path: `model.generate`, dynamic cache, left padding);
   `static` = the same loop with `cache_implementation="static"` (transformers compiles the decode step,
   CUDA graphs through mode reduce-overhead); `cb` / `cb-eager` = transformers' continuous batching
@@ -368,6 +371,45 @@ def cmd_run(a: argparse.Namespace) -> None:
                 emit(a.out, row)
 
 
+# The recipe's evaluate, per model (recipes/r1-32b-medical-ko.yaml with evaluate.samples 4): the full KorMedMCQA
+# test (~3,000 items of ~400 tokens), the val splits (assumed 4 M tokens: stage 1's ~1,970 medical-o1 records of
+# ~1,000 tokens and stage 2's ~5,000 KoCommercial records of ~400; AI Hub pairs add to it), 64 medical prompts
+# (~320 tokens) and 2 x 200 translation prompts (~256), each sampled 4 times, up to 1,024 new tokens.
+RECIPE = {"models": 3, "mcq_items": 3000, "mcq_tokens": 3000 * 400, "val_tokens": 4_000_000, "max_new": 1024,
+          "gen": [(320, 64 * 4), (256, 200 * 4), (256, 200 * 4)], "checkpoint_bytes": 65.5e9}
+BOXES = (("80 GB GPU + 128 GB RAM", "bf16", "H100"), ("24 GB GPU + 64 GB RAM", "nf4", "4090"))
+
+
+def cmd_totals(a: argparse.Namespace) -> None:
+    """The recipe's evaluate per box, before and after, from the measured 32B rows (see RECIPE)."""
+    from kmed.doctor import Arch, evaluate_eta
+
+    rows = [json.loads(line) for f in a.results for line in Path(f).read_text().splitlines() if line.strip()]
+    arch = Arch.from_config({**SHAPES["32b"], "num_attention_heads": 40, "model_type": "qwen2"})
+
+    def mean(kind: str, dtype: str, key: str, **kw: Any) -> float:
+        vals = [r[key] for r in rows if r["kind"] == kind and r["shape"] == "32b" and r["dtype"] == dtype
+                and key in r and all(r.get(k) == v for k, v in kw.items())]
+        return sum(vals) / len(vals)
+
+    r, seqs = RECIPE, sum(n for _, n in RECIPE["gen"])
+    print("| box | weights | before: batch 2, dynamic cache (h) | after: compiled static cache, batch | after on an "
+          "H200 (h) | after on the box's card, bandwidth-scaled (h) |")
+    print("|---|---|---:|---|---:|---:|")
+    for box, w, card in BOXES:
+        fwd = (mean("val", w, "tok_s"), mean("mcq", w, "items_s"))
+        step = mean("gen", w, "step_ms", engine="hf", batch=2) / 1000  # eager: host-bound, not scaled by card
+        before = r["checkpoint_bytes"] / 1e9 + r["val_tokens"] / fwd[0] + r["mcq_items"] / fwd[1]
+        before += math.ceil(seqs / 2) * r["max_new"] * step
+        batch = 32 if w == "bf16" else 11  # kmed.lm.auto_batch_size on 79.1 / 23.6 GiB (tests/test_lm.py)
+        kw = {"models": r["models"], "weights": w, "batch": batch, "mcq_tokens": r["mcq_tokens"],
+              "val_tokens": r["val_tokens"], "gen": r["gen"], "max_new_tokens": r["max_new"],
+              "checkpoint_bytes": int(r["checkpoint_bytes"])}
+        h200, there = evaluate_eta(arch, card="H200", **kw), evaluate_eta(arch, card=card, **kw)
+        print(f"| {box} | {w} | {r['models'] * before / 3600:.1f} | {batch} | {h200['total_s'] / 3600:.1f} | "
+              f"{there['total_s'] / 3600:.1f} ({card}) |")
+
+
 def emit(path: str, row: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -386,6 +428,9 @@ def main() -> None:
     r.add_argument("--only", default="", help="comma list of engines or shape:engine to run (default: the plan)")
     r.add_argument("--tokdir", default="/tmp/bench_eval_tok")
     r.set_defaults(fn=cmd_run)
+    t = sub.add_parser("totals")
+    t.add_argument("results", nargs="+")
+    t.set_defaults(fn=cmd_totals)
     a = ap.parse_args()
     a.fn(a)
 

@@ -1,10 +1,17 @@
 """The recipe's stages at real size: sft-stage1 -> merge@stage1 -> sft-stage2 -> merge@stage2 -> evaluate ->
 export, each the project's own stage command, on a random-weight model with a real architecture's shapes.
 
-    python bench/gpu_pipeline.py prepare --shape 7b --work /tmp/pipe --assets .gpu_carry --steps 5
+    python bench/gpu_pipeline.py pack --out .gpu_carry                                # here, on the CPU
+    python bench/gpu_pipeline.py prepare --shape 7b --work /tmp/pipe --assets .gpu_carry --steps 10 --lr 1e-3
     python bench/gpu_pipeline.py stages --work /tmp/pipe --results $OUT/pipeline.jsonl            # all six
     python bench/gpu_pipeline.py stages --work /tmp/pipe --only merge@stage1 --results ...      # one
     python bench/gpu_pipeline.py table --results pipeline.jsonl
+
+`pack` builds `--assets` from a clean checkout with the project's venv: llama-cpp-python's sdist (the installed
+version, through pip), slimmed for the CUDA build; the Qwen2 tokenizer rebuilt from that sdist's
+vendor/llama.cpp/models/ggml-vocab-qwen2.gguf with eos `<|im_end|>` and pad/bos `<|endoftext|>` (Qwen2.5-Instruct's
+and R1-Distill-Qwen's ids; a pad equal to eos would be replaced by Unsloth's own pad token), ids.json with those
+ids; processed/ = the repo's params.yaml run through prepare-base and preprocess in a temporary workdir.
 
 `prepare` builds the base as a pre-quantized bitsandbytes NF4 checkpoint, layer by layer (bench/build_4bit.py:
 the form of the seed's `unsloth/DeepSeek-R1-Distill-Qwen-32B-unsloth-bnb-4bit`, so merge takes its dequantize
@@ -83,7 +90,7 @@ def cmd_prepare(a: argparse.Namespace) -> None:
     for f in TOKENIZER_FILES:
         shutil.copy(assets / f, base / f)
     tcfg = json.loads((assets / "tokenizer_config.json").read_text())
-    ids = json.loads((assets / "ids.json").read_text())  # bos/eos/pad ids of the SmolLM2 tokenizer
+    ids = json.loads((assets / "ids.json").read_text())  # bos/eos/pad ids of the Qwen2 tokenizer (`pack`)
     for name in ("config.json", "generation_config.json"):
         cfg = json.loads((base / name).read_text())
         cfg.update({"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]})
@@ -93,13 +100,77 @@ def cmd_prepare(a: argparse.Namespace) -> None:
     raw = yaml.safe_load((ROOT / "recipes/r1-32b-medical-ko.yaml").read_text())
     raw["model"].update(base="models/base", revision=None, max_seq_length=2048)
     raw["sft_stage1"]["max_steps"] = raw["sft_stage2"]["max_steps"] = a.steps
-    raw["evaluate"].update(mcq_limit=16, gen_limit=4, translation_limit=4, max_new_tokens=32, batch_size=2)
+    # A learning rate from the first step: at the recipe's 2e-4 with 5 warm-up steps, 3 steps leave a stage-2 LoRA
+    # delta below bf16's resolution of the merged weights, and stage 1 and stage 2 evaluate identically.
+    raw["train"].update(learning_rate=a.lr, warmup_steps=0)
+    raw["evaluate"].update(mcq_limit=16, gen_limit=4, translation_limit=4, max_new_tokens=32)  # batch: the recipe's
     raw["export"].update(quantizations=["q4_k_m"], min_token_agreement={}, max_ppl_delta={}, parity_tokens=8,
                          check_texts=2, check_max_tokens=128, chat_must_stop=False)
     raw["mlflow"]["enabled"] = False
     (work / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
     print(json.dumps({"mode": "prepare", "shape": a.shape, "params": res["params"], "eos": tcfg.get("eos_token"),
                       "base_bytes": du([base]), "secs": round(time.time() - t0, 1)}), flush=True)
+
+
+QWEN2_VOCAB = "vendor/llama.cpp/models/ggml-vocab-qwen2.gguf"
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# What the CUDA build of llama-cpp-python never reads: git history, llama.cpp's test vocabularies, docs, media.
+SLIM_DROP = (".git/", "vendor/llama.cpp/models/", "vendor/llama.cpp/docs/", "vendor/llama.cpp/media/",
+             "vendor/llama.cpp/.github/", "docs/")
+
+
+def cmd_pack(a: argparse.Namespace) -> None:
+    """The assets of a device call (`--out`), from a clean checkout: see the module docstring."""
+    import tarfile
+    import tempfile
+    from importlib import metadata
+
+    out = Path(a.out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        # llama-cpp-python's sdist, the version this venv built export with.
+        ver = metadata.version("llama_cpp_python")
+        sdist = Path(a.sdist) if a.sdist else None
+        if sdist is None:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
+                            f"llama-cpp-python=={ver}", "-d", str(tmp)], check=True)
+            sdist = next(tmp.glob("llama_cpp_python-*.tar.gz"))
+        top = sdist.name.removesuffix(".tar.gz")
+        with tarfile.open(sdist) as src, tarfile.open(out / sdist.name, "w:gz") as dst:
+            for m in src:
+                rel = m.name.removeprefix(f"{top}/")
+                if rel == QWEN2_VOCAB:
+                    (tmp / "qwen2.gguf").write_bytes(src.extractfile(m).read())  # type: ignore[union-attr]
+                if m.isdir() or not rel.startswith(SLIM_DROP):
+                    dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+        # The Qwen2 tokenizer, with Qwen2.5-Instruct's special-token roles.
+        from kmed.modeling import tokenizer_from_gguf
+
+        tok = tokenizer_from_gguf(tmp / "qwen2.gguf", model_max_length=32768)
+        tok.eos_token, tok.pad_token, tok.bos_token = "<|im_end|>", "<|endoftext|>", "<|endoftext|>"
+        tok.chat_template = tok.chat_template or CHATML
+        tok.save_pretrained(tmp / "tok")
+        for f in TOKENIZER_FILES:
+            shutil.copy(tmp / "tok" / f, out / f)
+        ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
+        (out / "ids.json").write_text(json.dumps(ids) + "\n")
+        # processed/: the repo's own preprocess output (the embedded default's samples).
+        wd = tmp / "wd"
+        (wd / "data").mkdir(parents=True)
+        shutil.copy(ROOT / "params.yaml", wd / "params.yaml")
+        shutil.copytree(ROOT / "data/samples", wd / "data/samples")
+        shutil.copytree(ROOT / "data/raw", wd / "data/raw")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), KMED_MLFLOW="0")
+        for stage in ("prepare_base", "preprocess"):
+            subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=wd, env=env, check=True)
+        shutil.copytree(wd / "data/processed", out / "processed")
+    sizes = {f.name: f.stat().st_size for f in out.iterdir() if f.is_file()}
+    print(json.dumps({"mode": "pack", "out": str(out), "ids": ids, "llama_cpp_python": ver, "bytes": sizes,
+                      "processed": sorted(str(f.relative_to(out)) for f in (out / "processed").rglob("*.jsonl"))}))
 
 
 def cmd_adapter(a: argparse.Namespace) -> None:
@@ -256,8 +327,13 @@ def main() -> None:
     p.add_argument("--shape", required=True)
     p.add_argument("--work", required=True)
     p.add_argument("--assets", required=True)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3, help="train.learning_rate (warm-up 0)")
     p.set_defaults(fn=cmd_prepare)
+    p = sub.add_parser("pack")
+    p.add_argument("--out", default=".gpu_carry")
+    p.add_argument("--sdist", default="", help="a llama-cpp-python sdist already downloaded (default: pip download)")
+    p.set_defaults(fn=cmd_pack)
     p = sub.add_parser("adapter")
     p.add_argument("--work", required=True)
     p.add_argument("--stage", default="stage1")

@@ -1,27 +1,67 @@
 #!/usr/bin/env bash
-# Issue 16's proof on the GPU machine (device tool), one phase per call so each fits its 10-minute limit.
-# Everything lives under build/ (git-ignored), which the device keeps between calls while it is warm.
-#   bash bench/gpu_proof.sh setup pipe7b  # wheels into build/site; llama-cpp-python built with CUDA (detached);
-#                                        # random-weight Qwen2.5-7B (NF4 base): sft-stage1 .. merge@stage2
-#   bash bench/gpu_proof.sh eval7b export7b  # evaluate (capped to 12 GB: merged models load nf4); export (f16 + q4_k_m GGUF, llama.cpp on the GPU)
-#                                        # export7b without a pipe7b workdir: 7B base + random adapter + merge@stage1 as the source
-#   LCP_BUILD=0 bash bench/gpu_proof.sh pipe7b  # no llama.cpp build beside the stages (export7b needs it)
+# The recipe's stages at real size on the GPU machine (device tool), each the project's own stage command on a
+# random-weight model with a real architecture's shapes (bench/gpu_pipeline.py). One phase per call where a call's
+# 10 minutes would not hold more; everything lives under build/ (git-ignored), which a warm device keeps.
+#
+# Here, on the CPU, from a clean checkout with the project's venv (`make setup`):
+#   bash bench/gpu_proof.sh pack       # .whl/ (the packages the GPU machine lacks, ~21 MB) and .gpu_carry/ (~24 MB):
+#                                      # llama-cpp-python's sdist slimmed for the CUDA build, the Qwen2 tokenizer
+#                                      # rebuilt from its models/ggml-vocab-qwen2.gguf (eos <|im_end|>, pad/bos
+#                                      # <|endoftext|>), ids.json, processed/ = this repo's preprocess output
+# On the device (carry [".whl", ".gpu_carry"] plus the tree; see bench/RESULTS.md for the exact calls; 7b: three
+# calls, pipe then eval then export7b, each well inside 10 minutes; the device keeps build/ between warm calls):
+#   bash bench/gpu_proof.sh setup pipe eval    # wheels into build/site, llama-cpp-python's CUDA build started
+#                                      # detached; SHAPE (7b) base as pre-quantized NF4, STEPS (10) SFT steps a stage
+#                                      # at LR (1e-3, no warm-up: stage 2 must reach the merged weights), sft-stage1 ..
+#                                      # merge@stage2; then evaluate (base, stage 1, stage 2; KMED_GPU_MEM_GB caps it)
+#   LCP_BUILD=0 bash bench/gpu_proof.sh setup pipe eval   # without the llama.cpp build (export needs it)
+#   bash bench/gpu_proof.sh export7b   # export (f16 + q4_k_m GGUF, llama.cpp on the GPU); without a 7B pipe
+#                                      # workdir: a 7B base + random adapter + merge@stage1 as the source
 #   bash bench/gpu_proof.sh merge14b   # Qwen2.5-14B: a random adapter, then merge@stage1 alone (memory flat in size)
 #   bash bench/gpu_proof.sh eval32b    # Qwen2.5-32B NF4 base as all three models of evaluate, capped to 24 GB
-# Carry [".whl", ".gpu_carry"] (.whl from ../shared/gpu/wheels.sh; .gpu_carry: the SmolLM2 tokenizer files,
-# ids.json, processed/ = data/processed, and the slimmed llama_cpp_python sdist). Results: $OUT/*.jsonl, logs.
+# Results in $OUT: <phase>.jsonl rows, gpu.txt, logs.tgz (every stage log: one file, the device returns 8 at most).
 set -uo pipefail
-B=$PWD/build
+B=${PROOF_BUILD:-$PWD/build}  # outside any carried folder: a call's carried paths replace what was there
 OUT=${OUT:-$B/out}
-mkdir -p "$B" "$OUT"
-export PYTHONPATH=$PWD:$B/site:$B/lcp HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1
+SHAPE=${SHAPE:-7b}
+W=$B/p$SHAPE
 PY=python3
-# The device is handed back after 30 s idle and a fresh one is bare: every call sets up what is missing.
-if [ "${1:-}" != setup ] && [ ! -d "$B/site/trl" ]; then set -- setup "$@"; fi
 stages() {  # work shape results stage...
   local work=$1 shape=$2 res=$3; shift 3
   for s in "$@"; do $PY bench/gpu_pipeline.py stages --work "$work" --shape "$shape" --only "$s" --results "$res" || return 1; done
 }
+if [ "${1:-}" = pack ]; then  # on the CPU: everything a device call carries
+  root=$(git rev-parse --show-toplevel) && cd "$root" || exit 1
+  for d in /.whl/ /.gpu_carry/; do
+    grep -qx "$d" "$(git rev-parse --git-common-dir)/info/exclude" 2>/dev/null || echo "$d" >> "$(git rev-parse --git-common-dir)/info/exclude"
+  done
+  rm -rf .whl && mkdir -p .whl
+  plat="--only-binary=:all: --python-version 3.12 --implementation cp"
+  for p in manylinux_2_34_x86_64 manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do plat="$plat --platform $p"; done
+  # pyproject's gpu extra and trl/datasets at the versions seen working on the H100/H200 image (torch 2.11.0+cu130,
+  # transformers 5.17.0, peft 0.21.0), with the small packages they need that the image lacks.
+  python3 -m pip download -q --no-deps $plat -d .whl unsloth==2026.10.9 unsloth_zoo==2026.10.9 bitsandbytes==0.50.2 \
+    trl==1.15.0 datasets==4.8.5 dill==0.4.1 multiprocess==0.70.19 tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1 \
+    shtab==1.13.0 msgspec==0.22.0 cut_cross_entropy==25.1.1 torchao==0.18.0 pydantic==2.14.4 pydantic-core==2.50.5 \
+    annotated-types==0.8.0 typing-inspection==0.4.5 json5==0.17.3 nest-asyncio==1.6.0 structlog==26.1.0 || exit 1
+  python3 - <<'PYEOF'  # drop what a GPU run never loads: Unsloth Studio, bitsandbytes builds for other CUDA/ROCm
+import glob, re, shutil, zipfile
+drop = re.compile(r"^(studio/|bitsandbytes/libbitsandbytes_(cuda1[12]\d|cuda132|rocm))")
+for whl in glob.glob(".whl/unsloth-*.whl") + glob.glob(".whl/bitsandbytes-*.whl"):
+    with zipfile.ZipFile(whl) as src, zipfile.ZipFile(whl + ".tmp", "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            if not drop.match(item.filename):
+                dst.writestr(item, src.read(item.filename))
+    shutil.move(whl + ".tmp", whl)
+PYEOF
+  $PY bench/gpu_pipeline.py pack --out .gpu_carry || exit 1
+  du -sh .whl .gpu_carry
+  exit 0
+fi
+mkdir -p "$B" "$OUT"
+export PYTHONPATH=$PWD:$B/site:$B/lcp HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1
+# The device is handed back after 30 s idle and a fresh one is bare: every call sets up what is missing.
+if [ "${1:-}" != setup ] && [ ! -d "$B/site/trl" ]; then set -- setup "$@"; fi
 for phase in "$@"; do
 case "$phase" in
 setup)
@@ -36,57 +76,46 @@ setup)
     echo "rc=$? secs=$(( $(date +%s) - t0 ))" > '"$B/lcp-build.rc" > "$B/lcp-build.log" 2>&1 < /dev/null &)
   echo "llama-cpp-python CUDA build started, detached"
   ;;
-pipe7b)
-  $PY bench/gpu_pipeline.py prepare --shape 7b --work "$B/p7" --assets .gpu_carry --steps 3 | tee -a "$OUT/pipe7b.jsonl"
-  stages "$B/p7" 7b "$OUT/pipe7b.jsonl" sft-stage1 merge@stage1 sft-stage2 merge@stage2
+pipe|pipe7b)
+  [ "$phase" = pipe7b ] && { SHAPE=7b; W=$B/p7b; }
+  $PY bench/gpu_pipeline.py prepare --shape "$SHAPE" --work "$W" --assets .gpu_carry --steps "${STEPS:-10}" \
+    --lr "${LR:-1e-3}" | tee -a "$OUT/pipe$SHAPE.jsonl"
+  stages "$W" "$SHAPE" "$OUT/pipe$SHAPE.jsonl" sft-stage1 merge@stage1 sft-stage2 merge@stage2
   ;;
-retok7b)  # a workdir prepared with older assets: swap in the current tokenizer and its ids
-  $PY - "$B/p7" <<'PYEOF'
-import json, shutil, sys
-from pathlib import Path
-work, c = Path(sys.argv[1]), Path(".gpu_carry")
-ids = json.loads((c / "ids.json").read_text())
-for d in [work / "models/base", *work.glob("models/stage*/merged")]:
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(c / f, d / f)
-    for name in ("config.json", "generation_config.json"):
-        cfg = json.loads((d / name).read_text())
-        cfg.update(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
-        (d / name).write_text(json.dumps(cfg, indent=2) + "\n")
-    print("retokenized", d)
-PYEOF
-  ;;
-eval7b)
-  KMED_GPU_MEM_GB=12 stages "$B/p7" 7b "$OUT/pipe7b.jsonl" evaluate   # 12 GB: the merged 7B (15 GB) loads as nf4
+eval|eval7b)
+  [ "$phase" = eval7b ] && { SHAPE=7b; W=$B/p7b; }
+  stages "$W" "$SHAPE" "$OUT/pipe$SHAPE.jsonl" evaluate
+  cp "$W/reports/eval.md" "$OUT/eval-$SHAPE.md" 2>/dev/null
   ;;
 export7b)
-  if [ ! -e "$B/p7/models/stage2/merged/config.json" ]; then
-    rm -rf "$B/p7" "$B/p14" "$B/p32"
-    $PY bench/gpu_pipeline.py prepare --shape 7b --work "$B/p7" --assets .gpu_carry --steps 1 | tee -a "$OUT/export7b.jsonl"
-    $PY bench/gpu_pipeline.py adapter --work "$B/p7" | tee -a "$OUT/export7b.jsonl"
-    stages "$B/p7" 7b "$OUT/export7b.jsonl" merge@stage1
-    mkdir -p "$B/p7/models/stage2" && ln -sfn ../stage1/merged "$B/p7/models/stage2/merged"
+  W=$B/p7b
+  if [ ! -e "$W/models/stage2/merged/config.json" ]; then
+    rm -rf "$W" "$B/p14b" "$B/p32b"
+    $PY bench/gpu_pipeline.py prepare --shape 7b --work "$W" --assets .gpu_carry --steps 1 | tee -a "$OUT/export7b.jsonl"
+    $PY bench/gpu_pipeline.py adapter --work "$W" | tee -a "$OUT/export7b.jsonl"
+    stages "$W" 7b "$OUT/export7b.jsonl" merge@stage1
+    mkdir -p "$W/models/stage2" && ln -sfn ../stage1/merged "$W/models/stage2/merged"
   fi
   for i in $(seq 120); do [ -f "$B/lcp-build.rc" ] || ! pgrep -f "no-build-isolation" > /dev/null && break; sleep 5; done; cat "$B/lcp-build.rc"; tail -5 "$B/lcp-build.log"
   cp "$B/lcp-build.log" "$OUT/" ; cat "$B/lcp-build.rc" > "$OUT/lcp-build.rc"
   $PY -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'gpu offload:', llama_cpp.llama_supports_gpu_offload())" | tee "$OUT/lcp.txt"
-  stages "$B/p7" 7b "$OUT/export7b.jsonl" export
+  stages "$W" 7b "$OUT/export7b.jsonl" export
   ;;
 merge14b)  # merge alone: a random adapter (the recipe's r/alpha/targets) instead of a training run
-  rm -rf "$B/p7/models/export" "$B/p7/models/stage1" "$B/p7/models/stage2"  # disk for the 14B run
-  $PY bench/gpu_pipeline.py prepare --shape 14b --work "$B/p14" --assets .gpu_carry --steps 1 | tee -a "$OUT/merge14b.jsonl"
-  $PY bench/gpu_pipeline.py adapter --work "$B/p14" | tee -a "$OUT/merge14b.jsonl"
-  stages "$B/p14" 14b "$OUT/merge14b.jsonl" merge@stage1
+  rm -rf "$B/p7b/models/export" "$B/p7b/models/stage1" "$B/p7b/models/stage2"  # disk for the 14B run
+  $PY bench/gpu_pipeline.py prepare --shape 14b --work "$B/p14b" --assets .gpu_carry --steps 1 | tee -a "$OUT/merge14b.jsonl"
+  $PY bench/gpu_pipeline.py adapter --work "$B/p14b" | tee -a "$OUT/merge14b.jsonl"
+  stages "$B/p14b" 14b "$OUT/merge14b.jsonl" merge@stage1
   ;;
 eval32b)
-  rm -rf "$B/p7" "$B/p14"
-  $PY bench/gpu_pipeline.py prepare --shape 32b --work "$B/p32" --assets .gpu_carry --steps 1 | tee -a "$OUT/eval32b.jsonl"
-  mkdir -p "$B/p32/models/stage1" "$B/p32/models/stage2"
-  ln -sfn ../base "$B/p32/models/stage1/merged"; ln -sfn ../base "$B/p32/models/stage2/merged"
-  KMED_GPU_MEM_GB=24 stages "$B/p32" 32b "$OUT/eval32b.jsonl" evaluate
+  rm -rf "$B/p7b" "$B/p14b"
+  $PY bench/gpu_pipeline.py prepare --shape 32b --work "$B/p32b" --assets .gpu_carry --steps 1 | tee -a "$OUT/eval32b.jsonl"
+  mkdir -p "$B/p32b/models/stage1" "$B/p32b/models/stage2"
+  ln -sfn ../base "$B/p32b/models/stage1/merged"; ln -sfn ../base "$B/p32b/models/stage2/merged"
+  KMED_GPU_MEM_GB=24 stages "$B/p32b" 32b "$OUT/eval32b.jsonl" evaluate
   ;;
 *) echo "unknown phase $phase"; exit 2 ;;
 esac
 done
-for f in "$B"/p*/logs/*.log; do [ -f "$f" ] && n="$(basename "$(dirname "$(dirname "$f")")")-$(basename "$f")"; cp "$f" "$OUT/${n//@/_}"; done
+(cd "$B" && ls p*/logs/*.log > /dev/null 2>&1 && tar czf "$OUT/logs.tgz" p*/logs/*.log)
 exit 0
