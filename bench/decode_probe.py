@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kmed.config import load_params  # noqa: E402
-from kmed.data import render_prompt  # noqa: E402
+from kmed.prompt import render_prompt  # noqa: E402
 from kmed.evaluation import check_format, is_repetitive  # noqa: E402
 from kmed.io import read_jsonl  # noqa: E402
 from kmed.modeling import load_for_inference, load_tokenizer  # noqa: E402

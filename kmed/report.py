@@ -75,7 +75,8 @@ def dvc_diff(kind: str, base: str, head: str | None, repo: Path) -> dict[str, An
 
 def generations(text: str | None) -> dict[tuple[str, str, str], dict[str, Any]]:
     rows = [json.loads(line) for line in (text or "").splitlines() if line.strip()]
-    return {(r.get("model", "?"), r.get("kind", "?"), r.get("prompt", "")): r for r in rows}
+    # Sampled evaluation writes k samples per prompt: the report compares the first (seed evaluate.seed).
+    return {(r.get("model", "?"), r.get("kind", "?"), r.get("prompt", "")): r for r in rows if not r.get("sample")}
 
 
 # ---------------------------------------------------------------------------------------------

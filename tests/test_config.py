@@ -16,7 +16,7 @@ PARAM_FILES = [ROOT / "params.yaml", *sorted((ROOT / "recipes").glob("*.yaml"))]
 @pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)
 def test_real_params_validate(path: Path) -> None:
     p = load_params(path)
-    # The seed's LoRA and trainer values, verbatim, in every file.
+    # The seed's LoRA and trainer values, verbatim, in every file (but the embedded default's learning rate).
     assert (p.lora.r, p.lora.lora_alpha, p.lora.lora_dropout) == (16, 16, 0.0)
     assert set(p.lora.target_modules) == {
         "q_proj",
@@ -36,13 +36,10 @@ def test_real_params_validate(path: Path) -> None:
         5,
         60,
     )
-    assert (t.learning_rate, t.weight_decay, t.lr_scheduler_type, t.seed, t.logging_steps) == (
-        2e-4,
-        0.01,
-        "linear",
-        3407,
-        10,
-    )
+    assert (t.weight_decay, t.lr_scheduler_type, t.seed, t.logging_steps) == (0.01, "linear", 3407, 10)
+    # The recipe keeps the seed's learning rate; the embedded default's comes from its own sweep (a rate
+    # tuned for 32B QLoRA barely teaches a 135M model in 60 steps: bench/RESULTS.md).
+    assert t.learning_rate == (2e-4 if path.name != "params.yaml" else 1e-3)
 
 
 @pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)

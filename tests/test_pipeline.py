@@ -112,6 +112,90 @@ def test_gguf_metadata_checks_out(repo: Path) -> None:
         assert (f["tokenizer.ggml.model"], f["tokenizer.ggml.pre"]) == ("gpt2", "smollm")
 
 
+def test_every_artifact_prompts_as_trained_and_states_the_same_decoding(repo: Path) -> None:
+    """HF apply_chat_template of the merged folders and llama.cpp's chat completion on each GGUF render the
+    training prompt (render_prompt), token for token; generation_config.json, the GGUF metadata, the
+    Modelfile and the model card state the same decoding defaults."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from kmed.config import load_params
+    from kmed.ggufio import isolated
+    from kmed.prompt import render_prompt
+
+    params = load_params(repo / "params.yaml")
+    q = "당뇨병 환자에게 메트포르민을 처방할 때 주의할 점은 무엇인가요?"
+    msgs = [{"role": "user", "content": q}]
+    want: list[int] = []
+    for stage in ("stage1", "stage2"):
+        tok = AutoTokenizer.from_pretrained(repo / f"models/{stage}/merged")
+        want = tok(render_prompt(params.data.system_prompt, q), add_special_tokens=True)["input_ids"]
+        assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == render_prompt(
+            params.data.system_prompt, q)
+        assert list(tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]) == want
+        gen = json.loads((repo / f"models/{stage}/merged/generation_config.json").read_text())
+        assert (gen["do_sample"], gen["temperature"], gen["top_p"], gen["top_k"]) == (True, 0.6, 0.95, 0)
+    dec = json.loads((repo / "models/export/decoding.json").read_text())
+    assert dec == {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 0,
+                   "max_new_tokens": params.generate.max_new_tokens}
+    for quant in ("q4_k_m", "q8_0"):
+        path = repo / f"models/export/model-{quant}.gguf"
+        fields = GGUFReader(str(path)).fields
+        assert abs(fields["general.sampling.temp"].contents() - 0.6) < 1e-6
+        assert abs(fields["general.sampling.top_p"].contents() - 0.95) < 1e-6
+        assert fields["general.sampling.top_k"].contents() == 0
+        _, fed = isolated(_chat_in_worker, path, msgs, dec)
+        assert fed == want, quant
+    modelfile = (repo / "models/export/Modelfile").read_text()
+    for line in ("PARAMETER temperature 0.6", "PARAMETER top_p 0.95", "PARAMETER top_k 0",
+                 f"PARAMETER num_predict {params.generate.max_new_tokens}"):
+        assert line in modelfile
+    assert "sampling at temperature 0.6, top_p 0.95, top_k 0" in (repo / "models/export/README.md").read_text()
+    ex = json.loads((repo / "metrics/export.json").read_text())
+    assert ex["q4_k_m.chat_prompt_match"] == 1 and ex["q8_0.chat_prompt_match"] == 1
+
+
+def _chat_in_worker(path: Path, msgs: list[dict[str, str]], dec: dict) -> tuple[dict, list[int]]:
+    from kmed.ggufio import chat_completion, open_gguf
+
+    llm = open_gguf(path)
+    try:
+        return chat_completion(llm, msgs, {**dec, "max_new_tokens": 4})
+    finally:
+        llm.close()
+
+
+def test_make_serve_answers_an_openai_client_on_the_exported_gguf(repo: Path) -> None:
+    """`make serve`'s command on the pipeline's own q4_k_m GGUF: an OpenAI chat request (and a streamed one) is
+    answered from the exported model with the training prompt. (These models trained 2 steps: the R1 answer
+    format itself is checked on a model trained to write it, tests/test_serve.py, and on the embedded default's
+    60-step model in bench/RESULTS.md.)"""
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    from kmed.config import load_params
+    from kmed.prompt import render_prompt
+    from tests.stagekit import free_port, stop_process, wait_http
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kmed.serve", "--port", str(port), "--n-ctx", "1024"], cwd=repo,
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proc, timeout=120)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=120)
+        q = "What is the antidote for acetaminophen overdose?"
+        r = client.chat.completions.create(model="kmed-r1", messages=[{"role": "user", "content": q}], max_tokens=16)
+        tok = AutoTokenizer.from_pretrained(repo / "models/stage2/merged")
+        system = load_params(repo / "params.yaml").data.system_prompt
+        assert r.usage.prompt_tokens == len(tok(render_prompt(system, q), add_special_tokens=True)["input_ids"])
+        assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content is not None
+        chunks = list(client.chat.completions.create(model="kmed-r1", messages=[{"role": "user", "content": q}],
+                                                     max_tokens=8, stream=True))
+        assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    finally:
+        stop_process(proc)
+
+
 def test_second_repro_is_up_to_date(repo: Path) -> None:
     out = sh(repo, "dvc", "repro").stdout
     assert "Running stage" not in out
