@@ -17,11 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kmed.config import load_params  # noqa: E402
-from kmed.prompt import render_prompt  # noqa: E402
 from kmed.evaluation import check_format, is_repetitive  # noqa: E402
 from kmed.io import read_jsonl  # noqa: E402
 from kmed.modeling import load_for_inference, load_tokenizer  # noqa: E402
-from stages.evaluate import _question  # noqa: E402
+from kmed.prompt import render_prompt  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +32,7 @@ def main() -> None:
 
     params = load_params()
     ec = params.evaluate
-    qs = [_question(r["prompt"]) for r in read_jsonl("data/processed/stage1/val.jsonl")][: ec.gen_limit]
+    qs = [r["question"] for r in read_jsonl("data/processed/stage1/val.jsonl")][: ec.gen_limit]
     tok = load_tokenizer(a.model)
     model, _ = load_for_inference(a.model)
     tok.padding_side = "left"

@@ -105,7 +105,8 @@ def cmd_prepare(a: argparse.Namespace) -> None:
     raw["train"].update(learning_rate=a.lr, warmup_steps=0)
     raw["evaluate"].update(mcq_limit=16, gen_limit=4, translation_limit=4, max_new_tokens=32)  # batch: the recipe's
     raw["export"].update(quantizations=["q4_k_m"], min_token_agreement={}, max_ppl_delta={}, parity_tokens=8,
-                         check_texts=2, check_max_tokens=128, chat_must_stop=False)
+                         check_texts=2, check_max_tokens=128, chat_must_stop=False,
+                         min_chat_format_ok=0.0)
     raw["mlflow"]["enabled"] = False
     (work / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
     print(json.dumps({"mode": "prepare", "shape": a.shape, "params": res["params"], "eos": tcfg.get("eos_token"),
