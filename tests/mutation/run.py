@@ -41,7 +41,7 @@ class Mutation:
     row: str  # the start of the docs/reliability.md row (its first cell) whose protection this breaks
     file: str
     edits: tuple[tuple[str, str], ...]  # (old, new); usually one, two where the code guards twice
-    tests: tuple[str, ...]  # pytest node ids, fastest first (-x stops at the first failure)
+    tests: tuple[str, ...]  # pytest node ids; -x stops at the first failure, so the row's own test goes first
 
 
 def m(name: str, row: str, file: str, old: str, new: str, *tests: str) -> Mutation:
@@ -153,8 +153,7 @@ MUTATIONS: tuple[Mutation, ...] = (
       BAD_INPUT + "[symlink out of the repo]"),
     m("folder-file-symlink-followed", "empty file, wrong columns", "kmed/data.py",
       "        if not _inside(f.resolve(), root):", "        if False:",
-      "tests/test_data.py::test_paths_escaping_the_repo_are_refused",
-      BAD_INPUT + "[symlink inside a source folder]"),
+      BAD_INPUT + "[symlink inside a source folder]", "tests/test_data.py::test_paths_escaping_the_repo_are_refused"),
     m("stage-error-as-traceback", "empty file, wrong columns", "kmed/io.py",
       "    except (ParamsError, StageError) as e:", "    except ParamsError as e:",
       BAD_INPUT + "[empty file]"),
@@ -172,7 +171,7 @@ MUTATIONS: tuple[Mutation, ...] = (
       BAD + "test_duplicates_are_dropped_and_counted"),
     m("rrn-hyphen-required", "a Korean RRN in a record", "kmed/data.py",
       "(?:0[1-9]|[12]\\d|3[01])-?[1-8]", "(?:0[1-9]|[12]\\d|3[01])-[1-8]",
-      "tests/test_data.py::test_pii_masking", BAD + "test_rrn_is_masked_by_default"),
+      BAD + "test_rrn_is_masked_by_default", "tests/test_data.py::test_pii_masking"),
     m("overlong-dropped-not-truncated", "a record far over", "kmed/data.py",
       '            if cfg.overlong == "truncate":\n                cut = truncate_completion(',
       "            if False:\n                cut = truncate_completion(",
@@ -195,8 +194,8 @@ MUTATIONS: tuple[Mutation, ...] = (
       SEC + "test_remote_code_never_runs_unless_allow_listed"),
     m("params-not-redacted", "canary `HF_TOKEN`", "kmed/tracking.py",
       "        out[k], found = redact(v, secrets)", "        out[k], found = v, []",
-      "tests/test_tracking.py::test_a_run_of_the_embedded_default_records_every_params_key_and_no_secret",
-      SEC + "test_tokens_never_reach_mlflow_lock_params_logs_card_checkpoints_or_git"),
+      SEC + "test_tokens_never_reach_mlflow_lock_params_logs_card_checkpoints_or_git",
+      "tests/test_tracking.py::test_a_run_of_the_embedded_default_records_every_params_key_and_no_secret"),
     m("env-secrets-not-redacted", "canary `HF_TOKEN`", "kmed/tracking.py",
       "        if value in text:", "        if False:",
       "tests/test_tracking.py::test_a_run_of_the_embedded_default_records_every_params_key_and_no_secret"),

@@ -33,8 +33,15 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _plant(path: Path, marker: Path) -> None:
-    path.write_bytes(pickle.dumps(_Evil(marker), protocol=2))
+def _plant(path: Path, marker: Path, torch_format: bool = False) -> None:
+    """A plain pickle, or (torch_format) one in torch.save's zip container: the legacy format fails
+    torch.load(mmap=True) before anything is unpickled, so only the zip one proves weights_only."""
+    if torch_format:
+        import torch
+
+        torch.save(_Evil(marker), path)
+    else:
+        path.write_bytes(pickle.dumps(_Evil(marker), protocol=2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,7 +53,7 @@ def test_pickles_planted_in_checkpoints_are_never_unpickled(sft_copy: Path, tmp_
     tensors, resuming from the newest one that does (instead of crashing on every rerun)."""
     wd, marker = sft_copy, tmp_path / "PWNED"
     ck = wd / "models/checkpoints/stage1"
-    _plant(ck / "checkpoint-6/optimizer.pt", marker)
+    _plant(ck / "checkpoint-6/optimizer.pt", marker, torch_format=True)
     _plant(ck / "checkpoint-4/rng_state.pth", marker)
     proc = kit.stage(wd, "stages.sft", "stage1", check=False)
     assert not marker.exists()
