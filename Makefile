@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export UNSLOTH_DISABLE_STATISTICS := 1
 
-.PHONY: setup repro test test-fast lint serve
+.PHONY: setup repro test test-fast lint serve mutation
 setup: $(VENV)/.installed
 
 # torch==2.13.0 first: on the CPU machines it is a local CPU build (an unpinned torch would pull GBs
@@ -34,3 +34,8 @@ serve: setup
 
 lint: setup
 	ruff check kmed stages tests bench
+
+# Not part of `test`: breaks each protection of docs/reliability.md in a copy of the tree and runs the
+# test its row lists (about an hour on 2 cores); `python tests/mutation/run.py --only NAME` for one.
+mutation: setup
+	python tests/mutation/run.py

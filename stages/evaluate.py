@@ -261,7 +261,7 @@ def main() -> None:
     write_text_atomic("metrics/eval-plot.csv", header + rows)
     write_text_atomic("reports/eval.md", regression_table(per_model, sets["mcq"], len(all_mcq), decoding_metrics(ec, dec)))
     write_jsonl("reports/generations.jsonl", generations)
-    with Tracker(params.mlflow, "evaluate", sec) as tr:
+    with Tracker(params.mlflow, "evaluate", resolved_dict(params)) as tr:
         tr.log_metrics(flat_m)
         tr.log_artifact("metrics/eval.json")
         tr.log_artifact("reports/eval.md")

@@ -279,7 +279,7 @@ def main() -> None:
         write_json(tmp / "files.json", files)
 
     write_json("metrics/export.json", metrics)
-    with Tracker(params.mlflow, "export", sec) as tr:
+    with Tracker(params.mlflow, "export", resolved_dict(params)) as tr:
         tr.log_metrics(metrics)
         tr.log_artifact("metrics/export.json")
         tr.log_artifact(OUT / "README.md")

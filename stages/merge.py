@@ -271,7 +271,7 @@ def main() -> None:
         peak_rss_mb=peak_rss_mb(),
     )
     write_json(f"metrics/merge-{stage}.json", metrics)
-    with Tracker(params.mlflow, f"merge-{stage}", sec) as tr:
+    with Tracker(params.mlflow, f"merge-{stage}", resolved_dict(params)) as tr:
         tr.log_metrics(metrics)
         tr.log_artifact(f"metrics/merge-{stage}.json")
     log.info("merged %s into %s: %s", adapter_dir, out, metrics)

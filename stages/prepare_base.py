@@ -41,7 +41,7 @@ def main() -> None:
     metrics = {"base.weights_mb": round(size / 2**20, 1), "base.seconds": round(time.time() - t0, 1),
                "base.vocab_size": tok_info["vocab_size"]}
     write_json("metrics/prepare-base.json", metrics)
-    with Tracker(params.mlflow, "prepare-base", {"model": resolved_dict(params.model)}) as tr:
+    with Tracker(params.mlflow, "prepare-base", resolved_dict(params)) as tr:
         tr.log_metrics(metrics)
         tr.log_artifact("metrics/prepare-base.json")
     log.info("base ready in %s: %s (eos=%s pad=%s)", OUT, info, tok_info["eos_token"], tok_info["pad_token"])

@@ -510,7 +510,7 @@ def main() -> None:
     # Under `accelerate launch` / torchrun every rank runs this; only rank 0 records to MLflow.
     rank0 = os.environ.get("RANK", "0") == "0"
     mlcfg = params.mlflow if rank0 else params.mlflow.model_copy(update={"enabled": False})
-    with Tracker(mlcfg, f"sft-{stage}", sec) as tracker:
+    with Tracker(mlcfg, f"sft-{stage}", resolved_dict(params)) as tracker:
         trainer = trainer_class(SFTTrainer)(model=model, args=args, train_dataset=ds, processing_class=tok)
         counter = TokenCounter(trainer.model)
         trainer.token_counter = counter

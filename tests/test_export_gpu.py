@@ -79,7 +79,9 @@ def test_the_gpu_memory_cap_is_read_in_one_place(monkeypatch: pytest.MonkeyPatch
 def test_a_quantized_gguf_decodes_a_batch_on_any_cpu() -> None:
     """open_gguf turns llama.cpp's extra CPU buffers off: a natively built llama.cpp on an AMX CPU
     (this suite's Sapphire Rapids machines) segfaulted here in the first batched decode of a quantized
-    GGUF (ggml-org/llama.cpp#20824); on CPUs without AMX this is a plain check that decoding works."""
+    GGUF (ggml-org/llama.cpp#20824). On CPUs without AMX the decode works either way, so the worker also
+    checks the model params llama.cpp was handed: extra buffer types (repacking) off, where the default
+    has them on."""
     from kmed.modeling import embedded_gguf
 
     assert ggufio.isolated(_decode_32, embedded_gguf()) == 32 * 49152  # the shipped GGUF is Q4_1
@@ -93,6 +95,7 @@ def _decode_32(path: Path) -> int:
     defaults = llama_module.llama_cpp.llama_model_default_params
     llm = ggufio.open_gguf(path, logits_all=True)
     assert llama_module.llama_cpp.llama_model_default_params is defaults
+    assert defaults().use_extra_bufts is True and llm.model_params.use_extra_bufts is False
     try:
         llm.eval(list(range(100, 132)))
         scores = np.asarray(llm.scores[:32])

@@ -176,12 +176,16 @@ def test_kill_then_rerun_resumes_and_skips_a_truncated_checkpoint(tmp_path: Path
 
 @pytest.mark.integration
 def test_checkpoints_of_another_config_are_not_resumed(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Another learning rate: the old checkpoints would load without complaint (a LoRA rank change would
+    crash on their shapes, hiding a missing check), so only the fingerprint keeps the rerun from promoting
+    the finished checkpoint of the other config untrained."""
     wd = _workdir(tmp_path, tiny_model_dir, **{"train.max_steps": 4, "train.save_steps": 2})
     run_stage(wd, "stages.sft", "stage1")
-    write_params(wd, **{**FAST, "train.max_steps": 4, "train.save_steps": 2, "lora.r": 8})
+    write_params(wd, **{**FAST, "train.max_steps": 4, "train.save_steps": 2, "train.learning_rate": 1e-3})
     proc = run_stage(wd, "stages.sft", "stage1")
-    assert "belong to another config" in proc.stderr
-    assert read_json(wd / "metrics/sft-stage1.json")["resumed_from_step"] == 0
+    assert "belong to another config or code version; starting fresh" in proc.stderr
+    m = read_json(wd / "metrics/sft-stage1.json")
+    assert m["resumed_from_step"] == 0 and m["steps"] == 4
 
 
 @pytest.mark.integration
@@ -250,9 +254,26 @@ def test_stage_under_accelerate_launch_ddp(tmp_path: Path, tiny_model_dir: Path)
     assert proc.stderr.count("sft-stage1 done:") == 1  # rank 1 returns before saving and recording
 
 
-def test_checkpoint_fingerprint_covers_the_training_code(tmp_path: Path) -> None:
-    """A finished checkpoint from older code is not promoted when `dvc repro` reruns for a code change."""
+def _complete_checkpoint(ck: Path, step: int) -> None:
+    """What checkpoint_complete accepts: trainer state, whole adapter weights, optimizer and scheduler."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    save_file({"lora_A": torch.zeros(2, 2)}, str(ck / "adapter_model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt"):
+        torch.save({"state": torch.zeros(2)}, ck / name)
+
+
+def test_checkpoint_fingerprint_covers_the_training_code(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A finished checkpoint from older code is not promoted when `dvc repro` reruns for a code change: the
+    fingerprint hashes the code, and a complete checkpoint stamped with another one is refused by that check
+    (its own message, the folder removed), not resumed."""
     import importlib.util
+    import logging
 
     from kmed.config import load_params
 
@@ -273,4 +294,14 @@ def test_checkpoint_fingerprint_covers_the_training_code(tmp_path: Path) -> None
     fp_lib = mod.fingerprint("stage1", params, [data], tmp_path)
     with open(tmp_path / "stages/sft.py", "a", encoding="utf-8") as f:
         f.write("\n# changed\n")
-    assert len({fp, fp_lib, mod.fingerprint("stage1", params, [data], tmp_path)}) == 3
+    fp_sft = mod.fingerprint("stage1", params, [data], tmp_path)
+    assert len({fp, fp_lib, fp_sft}) == 3
+
+    ckdir = tmp_path / "models/checkpoints/stage1"
+    _complete_checkpoint(ckdir / "checkpoint-2", 2)
+    (ckdir / "FINGERPRINT").write_text(fp + "\n")
+    assert mod.newest_complete_checkpoint(ckdir, fp) == ckdir / "checkpoint-2"  # complete: resumable as is
+    with caplog.at_level(logging.INFO):
+        assert mod.newest_complete_checkpoint(ckdir, fp_sft) is None
+    assert f"checkpoints in {ckdir} belong to another config or code version; starting fresh" in caplog.text
+    assert not ckdir.exists()

@@ -152,6 +152,18 @@ def eval_pairs_are_a_training_source(repo: PipelineRepo, tmp: Path) -> str:
     )
 
 
+def symlink_in_folder(repo: PipelineRepo, tmp: Path) -> str:
+    """A folder source inside the repo, one of whose files links out of it: each file found through a
+    folder (or glob) is checked, not only the path written in params."""
+    (tmp / "outside.jsonl").write_text(OUTSIDE_ROWS)
+    folder = repo.path / "data/raw/instructions"
+    folder.mkdir()
+    (folder / "notes.jsonl").write_bytes((repo.path / "data/samples/ko_instructions.jsonl").read_bytes())
+    os.symlink(tmp / "outside.jsonl", folder / "linked.jsonl")
+    _stage2_source(repo, "data/raw/instructions")
+    return "source 'kocommercial_sample': data/raw/instructions/linked.jsonl resolves outside the repository root"
+
+
 CASES: dict[str, Callable[[PipelineRepo, Path], str]] = {
     "empty file": empty_file,
     "wrong columns": wrong_columns,
@@ -162,6 +174,7 @@ CASES: dict[str, Callable[[PipelineRepo, Path], str]] = {
     "unmapped field next to a case variant": case_variant_column,
     "instruction records over the limit": instructions_over_the_limit,
     "eval pairs equal to a training source": eval_pairs_are_a_training_source,
+    "symlink inside a source folder": symlink_in_folder,
 }
 
 
@@ -261,6 +274,11 @@ CP949_ROWS = [  # instruction, input, output
         "",
         "본인 확인 후 처방전을 발급합니다.",
     ),
+    (  # an RRN written without its hyphen (13 digits)
+        "주민번호 9203152468024 로 보험 청구를 해 주세요.",
+        "",
+        "보험 청구를 접수했습니다.",
+    ),
 ]
 
 
@@ -332,7 +350,7 @@ def test_cp949_csv_is_read_correctly(messy_run: dict) -> None:
     assert "data/raw/cp949.csv: decoded as CP949" in messy_run["proc"].stderr
     prompts = "\n".join(r["prompt"] for r in _records(messy_run, "stage2"))
     assert CP949_ROWS[0][0] in prompts  # Hangul intact, not mojibake
-    assert messy_run["metrics"]["stage2.rows_in.cp949_csv"] == 6
+    assert messy_run["metrics"]["stage2.rows_in.cp949_csv"] == 7
     assert messy_run["lock_changed"] and "up to date" in messy_run["status"]
     assert messy_run["verify"].returncode == 0, messy_run["verify"].stdout
 
@@ -341,18 +359,21 @@ def test_duplicates_are_dropped_and_counted(messy_run: dict) -> None:
     m = messy_run["metrics"]
     assert m["stage2.duplicates.exact"] == 3 and m["stage2.duplicates.normalized"] == 1
     assert m["stage2.dropped.overlong"] == 0  # every CP949 row fits the window (see CP949_ROWS)
-    assert m["stage2.rows_out.cp949_csv"] == 2
+    assert m["stage2.rows_out.cp949_csv"] == 3
     prompts = [r["prompt"] for r in _records(messy_run, "stage2")]
     assert sum(CP949_ROWS[0][0] in p for p in prompts) == 1
 
 
 def test_rrn_is_masked_by_default(messy_run: dict) -> None:
-    assert messy_run["metrics"]["stage2.pii.rrn"] == 1
+    """With and without the hyphen (YYMMDD-GNNNNNN and 13 digits in a row)."""
+    assert messy_run["metrics"]["stage2.pii.rrn"] == 2
     everything = "\n".join(
         [*messy_run["processed"].values(), *messy_run["reports"].values(), json.dumps(messy_run["metrics"])]
     )
     assert "800101-1234567" not in everything and "1234567" not in everything
-    assert any("******-*******" in r["prompt"] for r in _records(messy_run, "stage2"))
+    assert "9203152468024" not in everything and "2468024" not in everything
+    prompts = [r["prompt"] for r in _records(messy_run, "stage2")]
+    assert any("******-*******" in p for p in prompts) and any("주민번호 ************* 로" in p for p in prompts)
 
 
 def test_overlong_record_is_truncated_to_fit(messy_run: dict) -> None:

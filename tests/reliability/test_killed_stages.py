@@ -228,3 +228,22 @@ def test_export_killed_mid_write_leaves_no_export(tmp_path: Path, tiny_llama_dir
     m = json.loads((wd / "metrics/export.json").read_text())
     assert m["q8_0.chat_stopped"] == 1 and m["q8_0.token_agreement"] == 1.0
     assert yaml.safe_load((wd / "params.yaml").read_text())["export"]["quantizations"] == ["q8_0"]
+
+
+def test_llama_cpp_never_runs_in_the_export_process(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """On the H200, llama.cpp's CUDA backend died with SIGSEGV when it opened a GGUF in a process where torch
+    had used CUDA. Here importing llama.cpp in export's own process crashes it the same way (SIGSEGV): the
+    stage still completes, because every llama.cpp call (the backend probe, quantize, each GGUF's checks) runs
+    in a spawned worker (`kmed.ggufio.isolated`), whose command line is not the stage's."""
+    crash = kit.fault("llama_cpp", action="segv", argv="stages.export")
+    control = kit.run([kit.PY, "-c", "import llama_cpp", "stages.export"], tmp_path, check=False,
+                      env=kit.base_env(**crash))
+    assert control.returncode == -signal.SIGSEGV  # the fault is live in a process that looks like the stage
+
+    wd = export_workdir(tmp_path / "wd", tiny_llama_dir)
+    proc = kit.stage(wd, "stages.export", check=False, **crash)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((wd / "metrics/export.json").read_text())
+    # llama.cpp did the work (only it computes these), in the workers.
+    assert m["f16.token_agreement"] == m["q8_0.token_agreement"] == 1.0 and m["q8_0.chat_stopped"] == 1
+    assert {p.name for p in (wd / "models/export").iterdir()} >= {"model-q8_0.gguf", "README.md"}

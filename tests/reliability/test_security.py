@@ -33,8 +33,15 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _plant(path: Path, marker: Path) -> None:
-    path.write_bytes(pickle.dumps(_Evil(marker), protocol=2))
+def _plant(path: Path, marker: Path, torch_format: bool = False) -> None:
+    """A plain pickle, or (torch_format) one in torch.save's zip container: the legacy format fails
+    torch.load(mmap=True) before anything is unpickled, so only the zip one proves weights_only."""
+    if torch_format:
+        import torch
+
+        torch.save(_Evil(marker), path)
+    else:
+        path.write_bytes(pickle.dumps(_Evil(marker), protocol=2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,7 +53,7 @@ def test_pickles_planted_in_checkpoints_are_never_unpickled(sft_copy: Path, tmp_
     tensors, resuming from the newest one that does (instead of crashing on every rerun)."""
     wd, marker = sft_copy, tmp_path / "PWNED"
     ck = wd / "models/checkpoints/stage1"
-    _plant(ck / "checkpoint-6/optimizer.pt", marker)
+    _plant(ck / "checkpoint-6/optimizer.pt", marker, torch_format=True)
     _plant(ck / "checkpoint-4/rng_state.pth", marker)
     proc = kit.stage(wd, "stages.sft", "stage1", check=False)
     assert not marker.exists()
@@ -282,6 +289,9 @@ CANARY = {
     "AWS_SECRET_ACCESS_KEY": "CANARYkmedAwsSecret/9f8e7d6c5b4a3210zyxw",
 }
 SECRETS = (CANARY["HF_TOKEN"], CANARY["AWS_SECRET_ACCESS_KEY"])
+# A token pasted into params.yaml (no variable holds it): it is in params.yaml and dvc.lock by the user's
+# hand, but MLflow records the key with the value redacted by its shape.
+PASTED = "hf_PASTEDkmedReliability0f1e2d3c4b5a69788796"
 
 
 def _scan(root: Path, needles: tuple[str, ...]) -> dict[str, list[str]]:
@@ -305,7 +315,8 @@ def test_tokens_never_reach_mlflow_lock_params_logs_card_checkpoints_or_git(
     pipeline_repo_session: PipelineRepo, tmp_path: Path
 ) -> None:
     """The whole chain through `dvc repro` (preprocess, sft-stage1, merge@stage1, export) with a canary
-    HF_TOKEN and AWS secret in the environment and MLflow on (local sqlite store), then committed."""
+    HF_TOKEN and AWS secret in the environment, a token pasted into a param, and MLflow on (local sqlite
+    store), then committed. Each stage's MLflow run holds every resolved params key."""
     repo = PipelineRepo(tmp_path / "repo")
     shutil.copytree(pipeline_repo_session.path, repo.path, symlinks=True)
     repo.params(
@@ -317,6 +328,7 @@ def test_tokens_never_reach_mlflow_lock_params_logs_card_checkpoints_or_git(
             "export.min_token_agreement": {"q8_0": 0.8},
             "export.max_ppl_delta": {"q8_0": 0.05},
             "mlflow.enabled": True,
+            "export.hub_repo_adapter": f"someone/{PASTED}",
         }
     )
     env = {**CANARY, "KMED_MLFLOW": "1"}
@@ -336,13 +348,21 @@ def test_tokens_never_reach_mlflow_lock_params_logs_card_checkpoints_or_git(
     assert (p / "models/export/README.md").exists() and list(
         p.glob("models/checkpoints/stage1/*/training_args.bin")
     )
+    from kmed.config import flat, load_params, resolved_dict
+
+    keys = set(flat(resolved_dict(load_params(p / "params.yaml"))))
     with sqlite3.connect(p / "mlruns/mlflow.db") as db:
-        assert db.execute("select count(*) from runs").fetchone()[0] >= 4  # parent + 3 stages
-        assert db.execute("select count(*) from params").fetchone()[0] > 20
+        stage_runs = db.execute("select run_uuid, name from runs where name like '%/%'").fetchall()
+        assert sorted(n for _, n in stage_runs) == ["workspace/export", "workspace/merge-stage1", "workspace/sft-stage1"]
+        for run, name in stage_runs:  # every resolved params key, in every stage's run
+            params = dict(db.execute("select key, value from params where run_uuid = ?", (run,)).fetchall())
+            assert set(params) == keys, (name, keys ^ set(params))
+            assert params["export.hub_repo_adapter"] == "someone/[redacted token]"
     assert "CONTROL-9d1e" in _scan(p / ".git", ("CONTROL-9d1e",))
 
     hits = _scan(p, SECRETS)
     assert not hits, hits
+    assert not _scan(p / "mlruns", (PASTED,))  # the store and its artifacts
     for proc in logs:
         for s in SECRETS:
             assert s not in proc.stdout and s not in proc.stderr

@@ -4,10 +4,12 @@ Nothing happens unless KMED_FAULT is set, so DVC (which inherits the environment
 runs both load this harmlessly. KMED_FAULT="module:Attr.path" wraps that callable as soon as `module`
 is imported; the wrapper fires on the KMED_FAULT_NTH-th call (default 1) whose argument repr
 contains KMED_FAULT_MATCH (default: any call), in the process whose command line contains
-KMED_FAULT_ARGV (default: any). KMED_FAULT_ACTION:
+KMED_FAULT_ARGV (default: any). KMED_FAULT="module" (no attribute) fires when that module is imported.
+KMED_FAULT_ACTION:
 
   kill         SIGKILL this process right after the call returns (the stage is killed mid-write)
-  kill-before  SIGKILL this process just before the call
+  kill-before  SIGKILL this process just before the call (or the import)
+  segv         SIGSEGV this process just before the call (or the import): a native library crashing in it
   hang         write KMED_FAULT_MARK, then wait until KMED_FAULT_RELEASE exists (or forever), then
                make the call as usual: the test acts on a stage frozen at a known point
 """
@@ -30,6 +32,9 @@ def _fire_before(name: str) -> None:
     action = os.environ.get("KMED_FAULT_ACTION", "kill")
     if action == "kill-before":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "segv":
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGSEGV)
     elif action == "hang":
         mark, release = os.environ.get("KMED_FAULT_MARK"), os.environ.get("KMED_FAULT_RELEASE")
         if mark:
@@ -112,8 +117,11 @@ class _Finder(importlib.abc.MetaPathFinder):
         exec_module = spec.loader.exec_module
 
         def exec_and_patch(module) -> None:  # noqa: ANN001
+            if ":" not in _SPEC:  # the import itself is the fault
+                _fire_before(_SPEC)
             exec_module(module)
-            _patch(module)
+            if ":" in _SPEC:
+                _patch(module)
 
         spec.loader.exec_module = exec_and_patch
         sys.meta_path.remove(self)
@@ -131,7 +139,7 @@ def _cmdline() -> str:
 
 if _SPEC and os.environ.get("KMED_FAULT_ARGV", "") in _cmdline():
     _module = _SPEC.split(":", 1)[0]
-    if _module in sys.modules:
+    if _module in sys.modules and ":" in _SPEC:
         _patch(sys.modules[_module])
-    else:
+    elif _module not in sys.modules:
         sys.meta_path.insert(0, _Finder(_module))

@@ -1,0 +1,348 @@
+"""Mutation check of docs/reliability.md: break each protection with one small edit, run the test its row
+lists, and say whether the test noticed.
+
+    .venv/bin/python tests/mutation/run.py                    # every mutation (about an hour on 2 cores)
+    .venv/bin/python tests/mutation/run.py --only rrn-hyphen --only export-checks-in-process
+    .venv/bin/python tests/mutation/run.py --list             # the table, nothing run
+    .venv/bin/python tests/mutation/run.py --baseline         # the listed tests on the unmutated tree
+
+For each mutation: the repo's files (`git ls-files`, also untracked ones not ignored) are copied into a
+temporary folder, the edit is applied there (its `old` text must occur exactly once, so a refactor cannot
+make a mutation silently inert), and the row's tests run in that copy (`python -m pytest -x`, PYTHONPATH
+at the copy). One line per mutation: `caught` (a listed test failed), `survived` (they all passed),
+`not run` (skipped: a skip proves nothing) or `error` (collection error, timeout). Exit 1 unless every
+mutation was caught. Not part of `make test` (`make mutation` runs it); tests/mutation/test_table.py,
+which is, keeps the table true to the tree and to docs/reliability.md.
+
+A new protection in docs/reliability.md's killed stages, bad inputs or security sections comes with
+its mutation here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str  # what --only takes
+    row: str  # the start of the docs/reliability.md row (its first cell) whose protection this breaks
+    file: str
+    edits: tuple[tuple[str, str], ...]  # (old, new); usually one, two where the code guards twice
+    tests: tuple[str, ...]  # pytest node ids; -x stops at the first failure, so the row's own test goes first
+
+
+def m(name: str, row: str, file: str, old: str, new: str, *tests: str) -> Mutation:
+    return Mutation(name, row, file, ((old, new),), tests)
+
+
+KILLED = "tests/reliability/test_killed_stages.py::"
+DISK = "tests/reliability/test_resume_and_disk_full.py::"
+BAD = "tests/reliability/test_bad_inputs.py::"
+BAD_INPUT = BAD + "test_bad_input_fails_with_one_sentence_and_loses_nothing"
+SEC = "tests/reliability/test_security.py::"
+NULL = '__import__("contextlib").nullcontext'  # a `with` that writes in place instead of atomic_dir's temp
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # ---- killed or failing stages -------------------------------------------------------------------
+    m("atomic-dir-no-restore", "`kmed.io.atomic_dir` killed", "kmed/io.py",
+      "            prev.rename(final)", "            shutil.rmtree(prev, ignore_errors=True)",
+      KILLED + "test_atomic_dir_killed_mid_write_or_between_renames"),
+    m("atomic-dir-keeps-stale-tmp", "`kmed.io.atomic_dir` killed", "kmed/io.py",
+      "        shutil.rmtree(stale, ignore_errors=True)", "        pass",
+      KILLED + "test_atomic_dir_killed_mid_write_or_between_renames"),
+    m("preprocess-in-place", "preprocess SIGKILLed mid-write", "stages/preprocess.py",
+      "with atomic_dir(OUT_DIR) as tmp:", f"with {NULL}(OUT_DIR) as tmp:",
+      KILLED + "test_preprocess_killed_mid_write_under_dvc"),
+    m("preprocess-in-place-dvc-killed", "`dvc repro` and its stage SIGKILLed", "stages/preprocess.py",
+      "with atomic_dir(OUT_DIR) as tmp:", f"with {NULL}(OUT_DIR) as tmp:",
+      KILLED + "test_dvc_repro_killed_keeps_lock_and_reruns"),
+    m("sft-finished-checkpoint-trains-on", "sft SIGKILLed while promoting", "stages/sft.py",
+      "            if finished:", "            if False:",
+      KILLED + "test_sft_killed_mid_adapter_write_keeps_previous_adapter"),
+    m("sft-adapter-in-place", "sft SIGKILLed while promoting", "stages/sft.py",
+      "        with atomic_dir(out) as tmp:", f"        with {NULL}(out) as tmp:",
+      KILLED + "test_sft_killed_mid_adapter_write_keeps_previous_adapter"),
+    m("merge-in-place", "merge SIGKILLed", "stages/merge.py",
+      "    with atomic_dir(out) as tmp:", f"    with {NULL}(out) as tmp:",
+      KILLED + "test_merge_killed_mid_write_leaves_no_merged_model"),
+    m("export-in-place", "export SIGKILLed", "stages/export.py",
+      "    with atomic_dir(OUT) as tmp:", f"    with {NULL}(OUT) as tmp:",
+      KILLED + "test_export_killed_mid_write_leaves_no_export"),
+    m("checkpoint-adapter-not-read", "sft resume: newest checkpoint truncated", "stages/sft.py",
+      '        with safe_open(str(ck / "adapter_model.safetensors"), "pt") as f:\n'
+      "            for k in f.keys():\n                f.get_tensor(k)\n", "",
+      "tests/test_sft.py::test_kill_then_rerun_resumes_and_skips_a_truncated_checkpoint"),
+    m("checkpoint-trainer-state-not-read", "sft resume: newest checkpoint lost", "stages/sft.py",
+      '        state = json.loads((ck / "trainer_state.json").read_text())', '        state = {"global_step": 0}',
+      DISK + "test_resume_skips_a_checkpoint_whose_trainer_state_was_deleted"),
+    m("fingerprint-not-compared", "sft rerun after a code change", "stages/sft.py",
+      "    if not stamp.exists() or stamp.read_text().strip() != fp:", "    if not stamp.exists():",
+      "tests/test_sft.py::test_checkpoint_fingerprint_covers_the_training_code",
+      "tests/test_sft.py::test_checkpoints_of_another_config_are_not_resumed"),
+    m("fingerprint-without-code", "sft rerun after a code change", "stages/sft.py",
+      '    for code in [Path(__file__).resolve(), *sorted((root / "kmed").glob("*.py"))]:', "    for code in []:",
+      "tests/test_sft.py::test_checkpoint_fingerprint_covers_the_training_code"),
+    m("isolated-in-process", "llama.cpp dies in export", "kmed/ggufio.py",
+      "            return pool.submit(fn, *args).result()", "            return fn(*args)",
+      "tests/test_export_gpu.py::test_llama_cpp_work_runs_in_a_process_of_its_own_and_a_crash_there_is_one_sentence"),
+    m("export-checks-in-process", "llama.cpp dies in export", "stages/export.py",
+      "isolated(gguf_checks, ", "gguf_checks(",
+      KILLED + "test_llama_cpp_never_runs_in_the_export_process"),
+    m("export-quantize-in-process", "llama.cpp dies in export", "stages/export.py",
+      "isolated(quantize, ", "quantize(",
+      KILLED + "test_llama_cpp_never_runs_in_the_export_process"),
+    m("export-backend-probe-in-process", "llama.cpp dies in export", "stages/export.py",
+      "isolated(gpu_backend)", "gpu_backend()",
+      KILLED + "test_llama_cpp_never_runs_in_the_export_process"),
+    m("gguf-repack-on", "llama.cpp segfaults on an AMX CPU", "kmed/ggufio.py",
+      "        params.use_extra_bufts = False", "        params.use_extra_bufts = True",
+      "tests/test_export_gpu.py::test_a_quantized_gguf_decodes_a_batch_on_any_cpu"),
+    m("nan-not-detected", "NaN loss", "stages/sft.py",
+      '            if not math.isfinite(loss) or not math.isfinite(row["grad_norm"]):', "            if False:",
+      "tests/test_sft.py::test_nan_loss_stops_fast_and_promotes_nothing"),
+    m("nan-run-promoted", "NaN loss", "stages/sft.py",
+      "        if cb.nan_step is not None:", "        if False:",
+      "tests/test_sft.py::test_nan_loss_stops_fast_and_promotes_nothing"),
+    m("checkpoint-enospc-not-recognised", "disk full while saving a checkpoint", "stages/sft.py",
+      "            if no_space(e, ckdir):", "            if False:",
+      DISK + "test_disk_full_while_saving_a_checkpoint"),
+    m("atomic-dir-enospc-not-recognised", "disk full while writing preprocess output", "kmed/io.py",
+      "        full = no_space(e, tmp)", "        full = False",
+      DISK + "test_disk_full_while_writing_preprocess_output"),
+    m("atomic-dir-keeps-partial-copy", "disk full while writing preprocess output", "kmed/io.py",
+      "        shutil.rmtree(tmp, ignore_errors=True)", "        pass",
+      DISK + "test_disk_full_while_writing_preprocess_output"),
+    m("text-writer-enospc-not-recognised", "disk full in the shared writers", "kmed/io.py",
+      "        if no_space(e):", "        if False:",
+      DISK + "test_disk_full_in_atomic_writers_is_one_sentence_naming_the_path"),
+    m("torch-save-enospc-not-recognised", "disk full in the shared writers", "kmed/io.py",
+      '        if where is not None and "inline_container" in str(e):', "        if False:",
+      DISK + "test_disk_full_in_atomic_writers_is_one_sentence_naming_the_path"),
+    # ---- bad inputs ---------------------------------------------------------------------------------
+    Mutation("empty-file-read-as-no-rows", "empty file, wrong columns", "kmed/data.py",
+             (("    if not data.strip():\n", "    if False:\n"), ("    if not seen:\n", "    if False:\n")),
+             (BAD_INPUT + "[empty file]",)),
+    m("missing-columns-ignored", "empty file, wrong columns", "kmed/data.py",
+      "    if missing:\n        word =", "    if False:\n        word =",
+      BAD_INPUT + "[wrong columns]"),
+    m("formula-without-value-read-as-empty", "empty file, wrong columns", "kmed/data.py",
+      "                    if f is not None and vals[c] is None:", "                    if False:",
+      BAD_INPUT + "[formula cell]"),
+    m("dotdot-path-allowed", "empty file, wrong columns", "kmed/data.py",
+      '    if ".." in p.parts or (p.is_absolute() and not _inside(p.resolve(), root)):',
+      "    if p.is_absolute() and not _inside(p.resolve(), root):",
+      BAD_INPUT + "[path with ..]"),
+    m("absolute-path-allowed", "empty file, wrong columns", "kmed/data.py",
+      '    if ".." in p.parts or (p.is_absolute() and not _inside(p.resolve(), root)):', '    if ".." in p.parts:',
+      BAD_INPUT + "[absolute path]"),
+    m("source-symlink-followed", "empty file, wrong columns", "kmed/data.py",
+      "        if not _inside(full.resolve(), root):", "        if False:",
+      BAD_INPUT + "[symlink out of the repo]"),
+    m("folder-file-symlink-followed", "empty file, wrong columns", "kmed/data.py",
+      "        if not _inside(f.resolve(), root):", "        if False:",
+      BAD_INPUT + "[symlink inside a source folder]", "tests/test_data.py::test_paths_escaping_the_repo_are_refused"),
+    m("stage-error-as-traceback", "empty file, wrong columns", "kmed/io.py",
+      "    except (ParamsError, StageError) as e:", "    except ParamsError as e:",
+      BAD_INPUT + "[empty file]"),
+    m("xlsx-size-not-checked", "xlsx bomb", "kmed/data.py",
+      "    if total > max_mb * 2**20:", "    if False:",
+      BAD + "test_xlsx_bomb_is_refused_quickly_without_inflating_it"),
+    m("cp949-as-latin1", "CP949 CSV", "kmed/data.py",
+      '            text = data.decode("cp949")', '            text = data.decode("latin-1")',
+      BAD + "test_cp949_csv_is_read_correctly"),
+    m("exact-duplicates-kept", "duplicates", "kmed/data.py",
+      "        if row.raw in seen_raw:", "        if False:",
+      BAD + "test_duplicates_are_dropped_and_counted"),
+    m("normalised-duplicates-kept", "duplicates", "kmed/data.py",
+      "        if key in seen_norm:", "        if False:",
+      BAD + "test_duplicates_are_dropped_and_counted"),
+    m("rrn-hyphen-required", "a Korean RRN in a record", "kmed/data.py",
+      "(?:0[1-9]|[12]\\d|3[01])-?[1-8]", "(?:0[1-9]|[12]\\d|3[01])-[1-8]",
+      BAD + "test_rrn_is_masked_by_default", "tests/test_data.py::test_pii_masking"),
+    m("overlong-dropped-not-truncated", "a record far over", "kmed/data.py",
+      '            if cfg.overlong == "truncate":\n                cut = truncate_completion(',
+      "            if False:\n                cut = truncate_completion(",
+      BAD + "test_overlong_record_is_truncated_to_fit"),
+    # ---- security -----------------------------------------------------------------------------------
+    m("checkpoint-pickles-unpickled", "marker-writing pickles planted", "stages/sft.py",
+      'torch.load(ck / name, map_location="cpu", weights_only=True, mmap=True)',
+      'torch.load(ck / name, map_location="cpu", weights_only=False, mmap=True)',
+      SEC + "test_pickles_planted_in_checkpoints_are_never_unpickled"),
+    m("pickle-weights-accepted", "pickle weights in the base folder", "kmed/modeling.py",
+      "    if bad:\n        raise StageError(", "    if False:\n        raise StageError(",
+      "tests/test_modeling.py::test_pickle_weights_refused_and_never_loaded",
+      SEC + "test_pickle_weights_in_the_base_folder_are_refused_end_to_end"),
+    m("auto-map-accepted", "custom model code in the base folder", "kmed/modeling.py",
+      "    if auto_map:", "    if False:",
+      "tests/test_modeling.py::test_custom_code_refused_unless_trusted",
+      SEC + "test_remote_code_never_runs_unless_allow_listed"),
+    m("remote-code-allow-list-ignored", "custom model code in the base folder", "kmed/config.py",
+      "            if pinned not in self.trust_remote_code_allow:", "            if False:",
+      SEC + "test_remote_code_never_runs_unless_allow_listed"),
+    m("params-not-redacted", "canary `HF_TOKEN`", "kmed/tracking.py",
+      "        out[k], found = redact(v, secrets)", "        out[k], found = v, []",
+      SEC + "test_tokens_never_reach_mlflow_lock_params_logs_card_checkpoints_or_git",
+      "tests/test_tracking.py::test_a_run_of_the_embedded_default_records_every_params_key_and_no_secret"),
+    m("env-secrets-not-redacted", "canary `HF_TOKEN`", "kmed/tracking.py",
+      "        if value in text:", "        if False:",
+      "tests/test_tracking.py::test_a_run_of_the_embedded_default_records_every_params_key_and_no_secret"),
+    m("artifacts-not-checked", "canary `HF_TOKEN`", "kmed/tracking.py",
+      "        if self.enabled and _holds_secret(Path(path)):", "        if False:",
+      "tests/test_tracking.py::test_a_run_of_the_embedded_default_records_every_params_key_and_no_secret"),
+    m("template-split-refused", "chat templates: normal", "kmed/ggufio.py",
+      '"rstrip", "split", "startswith"', '"rstrip", "startswith"',
+      SEC + "test_normal_chat_templates_pass"),
+    m("template-private-attr-allowed", "chat templates: non-template content", "kmed/ggufio.py",
+      '        if node.attr.startswith("_"):', "        if False:",
+      SEC + "test_chat_template_with_non_template_content_is_refused"),
+    m("template-dunder-subscript-allowed", "chat templates: non-template content", "kmed/ggufio.py",
+      '        if isinstance(node.arg, nodes.Const) and str(node.arg.value).startswith("_"):', "        if False:",
+      SEC + "test_chat_template_with_non_template_content_is_refused"),
+    m("template-filter-dunder-allowed", "chat templates: non-template content", "kmed/ggufio.py",
+      '            if isinstance(c, str) and c.startswith("_"):', "            if False:",
+      SEC + "test_chat_template_with_non_template_content_is_refused"),
+    m("template-include-allowed", "chat templates: non-template content", "kmed/ggufio.py",
+      "    for node in ast.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):",
+      "    for node in ast.find_all(()):",
+      SEC + "test_chat_template_with_non_template_content_is_refused"),
+    m("template-any-call-allowed", "chat templates: non-template content", "kmed/ggufio.py",
+      "        if name not in _ALLOWED_CALLS and name not in _ALLOWED_METHODS:", "        if False:",
+      SEC + "test_chat_template_with_non_template_content_is_refused"),
+    m("template-may-drop-the-message", "chat templates: non-template content", "kmed/ggufio.py",
+      '    if "안녕하세요" not in out:', "    if False:",
+      SEC + "test_chat_template_with_non_template_content_is_refused"),
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+def tree_files(root: Path) -> list[str]:
+    """The repo's files as git sees them: tracked, and untracked but not ignored (work not yet committed)."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                         capture_output=True, check=True).stdout
+    return sorted({p for p in out.decode().split("\0") if p})
+
+
+def copy_tree(root: Path, dst: Path) -> None:
+    for rel in tree_files(root):
+        src = root / rel
+        if not os.path.lexists(src):  # deleted in the working tree, not yet committed
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst / rel, follow_symlinks=False)
+
+
+def apply(mut: Mutation, tree: Path) -> None:
+    path = tree / mut.file
+    text = path.read_text(encoding="utf-8")
+    for old, new in mut.edits:
+        n = text.count(old)
+        if n != 1:
+            raise ValueError(f"{mut.name}: the text to replace occurs {n} times in {mut.file}, not once: {old!r}")
+        text = text.replace(old, new)
+    path.write_text(text, encoding="utf-8")
+
+
+@dataclass
+class Outcome:
+    status: str  # caught | survived | not run | error
+    seconds: float
+    detail: str
+
+
+def run_tests(tree: Path, tests: tuple[str, ...], timeout: float, stop_first: bool = True) -> Outcome:
+    """The tests in `tree` (its code first on sys.path), in a process group killed on timeout."""
+    junit = tree / ".mutation-junit.xml"
+    cmd = [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+           *(["-x"] if stop_first else [])]
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return Outcome("error", time.monotonic() - t0, f"timed out after {timeout:.0f} s")
+    secs = time.monotonic() - t0
+    failed, errors, passed, skipped = [], [], [], []
+    if junit.exists():
+        for case in ET.parse(junit).getroot().iter("testcase"):
+            name = case.get("name", "")
+            kinds = {child.tag for child in case}
+            # An error (in a fixture's setup) is not the test noticing the mutation: reported, not counted.
+            group = failed if "failure" in kinds else errors if "error" in kinds else skipped if "skipped" in kinds \
+                else passed
+            group.append(name)
+    if failed and proc.returncode == 1:
+        return Outcome("caught", secs, "failed: " + ", ".join(failed))
+    if errors:
+        return Outcome("error", secs, "error in setup: " + ", ".join(errors))
+    if proc.returncode == 0 and passed:
+        return Outcome("survived", secs, f"{len(passed)} passed" + (f", {len(skipped)} skipped" if skipped else ""))
+    if proc.returncode == 0 and skipped:
+        return Outcome("not run", secs, f"{len(skipped)} skipped")
+    tail = " | ".join(line for line in output.strip().splitlines()[-3:])
+    return Outcome("error", secs, f"pytest exit {proc.returncode}: {tail[-300:]}")
+
+
+def run_one(mut: Mutation | None, tests: tuple[str, ...], timeout: float) -> Outcome:
+    with tempfile.TemporaryDirectory(prefix="kmed-mutation-") as tmp:
+        tree = Path(tmp) / "tree"
+        copy_tree(ROOT, tree)
+        if mut is not None:
+            apply(mut, tree)
+        return run_tests(tree, tests, timeout, stop_first=mut is not None)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", action="append", default=[], metavar="NAME", help="run this mutation (repeatable)")
+    ap.add_argument("--list", action="store_true", help="print the table and exit")
+    ap.add_argument("--baseline", action="store_true", help="run the selected rows' tests on the unmutated tree")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per mutation (default 1800)")
+    args = ap.parse_args()
+
+    known = {mut.name for mut in MUTATIONS}
+    unknown = [n for n in args.only if n not in known]
+    if unknown:
+        ap.error(f"unknown mutation(s) {', '.join(unknown)}; --list shows them")
+    chosen = [mut for mut in MUTATIONS if not args.only or mut.name in args.only]
+    width = max(len(mut.name) for mut in chosen)
+    if args.list:
+        for mut in chosen:
+            print(f"{mut.name:{width}}  {mut.file:20}  {mut.row}  ->  {', '.join(mut.tests)}")
+        return 0
+    if args.baseline:
+        tests = tuple(dict.fromkeys(t for mut in chosen for t in mut.tests))
+        out = run_one(None, tests, args.timeout * 4)
+        print(f"baseline: {'pass' if out.status == 'survived' else out.status}  {out.seconds:.0f} s  {out.detail}")
+        return 0 if out.status == "survived" else 1
+
+    t_all = time.monotonic()
+    results: list[tuple[Mutation, Outcome]] = []
+    for mut in chosen:
+        out = run_one(mut, mut.tests, args.timeout)
+        results.append((mut, out))
+        print(f"{out.status:8}  {mut.name:{width}}  {out.seconds:5.0f} s  {out.detail}", flush=True)
+    caught = sum(out.status == "caught" for _, out in results)
+    print(f"\n{caught}/{len(results)} caught in {(time.monotonic() - t_all) / 60:.1f} min")
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
