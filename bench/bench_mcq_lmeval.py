@@ -101,6 +101,49 @@ def old_scores(model: Any, tok: Any, contexts: list[str], items: list[dict[str, 
     return out
 
 
+def kormedmcqa_check(folder: Path, items: list[dict[str, Any]], max_gen_toks: int, batch: int) -> dict[str, Any]:
+    """evaluate's `mcq_generate: kormedmcqa` path (greedy_generate, then our copy of the task's stop
+    strings and answer filter) against lm-eval's own: HFLM.generate_until with the task's
+    generation_kwargs from its installed _template_yaml, then its utils.extract_choice. Same token
+    budget on both sides (max_gen_toks), fp32, no autocast."""
+    import importlib.util
+
+    import torch
+    import yaml
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks.kormedmcqa.utils import extract_choice
+
+    from kmed.evaluation import kormedmcqa_choice, kormedmcqa_cut, kormedmcqa_prompt
+    from kmed.lm import greedy_generate
+    from kmed.modeling import load_causal_lm, load_tokenizer
+
+    spec = importlib.util.find_spec("lm_eval")
+    assert spec and spec.origin
+    raw = (Path(spec.origin).parent / "tasks/kormedmcqa/_template_yaml").read_text(encoding="utf-8")
+    gen_kwargs = yaml.safe_load(raw.replace("!function", ""))["generation_kwargs"] | {"max_gen_toks": max_gen_toks}
+    prompts = [kormedmcqa_prompt(it) for it in items]
+    lm = HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=batch)
+    ref = lm.generate_until([Instance("generate_until", it, (p, dict(gen_kwargs)), 0) for p, it in zip(prompts, items, strict=True)])
+    ref_picks = [extract_choice(t) for t in ref]
+    del lm
+    gc.collect()
+    tok = load_tokenizer(folder)
+    model = load_causal_lm(folder, dtype=torch.float32)
+    outs = greedy_generate(model, tok, prompts, max_gen_toks, batch)
+    cut = [kormedmcqa_cut(o["text"], tok.eos_token)[0] for o in outs]
+    picks = [kormedmcqa_choice(t) for t in cut]
+    del model
+    gc.collect()
+    n = len(items)
+    return {"gen_items": n, "gen_max_tokens": max_gen_toks,
+            "gen_same_text": sum(a == b for a, b in zip(cut, ref, strict=True)) / n,
+            "gen_agree": sum(a == b for a, b in zip(picks, ref_picks, strict=True)) / n,
+            "gen_acc_ours": sum(a == it["answer"] for a, it in zip(picks, items, strict=True)) / n,
+            "gen_acc_lmeval": sum(a == it["answer"] for a, it in zip(ref_picks, items, strict=True)) / n,
+            "gen_per_item": [{"id": it["id"], "ours": a, "lmeval": b} for it, a, b in zip(items, cut, ref, strict=True)]}
+
+
 def pick(scores: dict[str, float]) -> str:
     return max(scores, key=scores.get)
 
@@ -155,6 +198,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--old", nargs="*", default=list(FOLDERS), choices=list(FOLDERS),
                     help="models also scored by the pre-fix rule (one more pass each)")
+    ap.add_argument("--gen-only", action="store_true", help="only the generate check; keep the rows' scoring results")
+    ap.add_argument("--gen", type=int, default=0, help="also check the kormedmcqa generate protocol on the first N items")
+    ap.add_argument("--gen-tokens", type=int, default=32, help="max new tokens of that check, both sides")
     ap.add_argument("--out", type=Path, default=ROOT / f"bench/results/mcq-lmeval-{datetime.date.today()}.json")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -169,17 +215,28 @@ def main() -> None:
     rows = json.loads(a.out.read_text(encoding="utf-8"))["rows"] if a.out.exists() else []
     for name in a.models:
         log.info("%s: scoring %d items", name, len(items))
-        row = measure(name, a.root / FOLDERS[name], items, params, a.batch, name in a.old)
+        row = measure(name, a.root / FOLDERS[name], items, params, a.batch, name in a.old) if not a.gen_only else {}
+        if a.gen:
+            old_row = next((r for r in rows if r["model"] == name), {"model": name})
+            row = (row or old_row) | kormedmcqa_check(a.root / FOLDERS[name], items[: a.gen], a.gen_tokens, a.batch)
         rows = sorted([r for r in rows if r["model"] != name] + [row], key=lambda r: list(FOLDERS).index(r["model"]))
-        log.info("%s: %s", name, {k: v for k, v in row.items() if k != "per_item"})
+        log.info("%s: %s", name, {k: v for k, v in row.items() if not k.endswith("per_item")})
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps({"meta": meta, "rows": rows}, ensure_ascii=False, indent=1), encoding="utf-8")
     print("| model | items | agreement | max abs Δlogp | acc ours | acc lm-eval | median p ours | old: agreement | old: acc | old: median p |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    for r in (r for r in rows if "agree" in r):
         print(f"| {r['model']} | {r['items']} | {r['agree']:.3f} | {r['max_abs_dlogp']:.1e} | {r['acc_ours']:.3f} | "
               f"{r['acc_lmeval']:.3f} | {r['median_p_ours']:.2g} | {r.get('agree_old', float('nan')):.3f} | "
               f"{r.get('acc_old', float('nan')):.3f} | {r.get('median_p_old', float('nan')):.2g} |")
+    gens = [r for r in rows if "gen_agree" in r]
+    if gens:
+        print("\n| model | items | max new tokens | same text | same letter | acc ours | acc lm-eval |")
+        print("|---|---|---|---|---|---|---|")
+        for r in gens:
+            print(f"| {r['model']} | {r['gen_items']} | {r['gen_max_tokens']} | {r['gen_same_text']:.3f} | "
+                  f"{r['gen_agree']:.3f} | {r['gen_acc_ours']:.3f} | {r['gen_acc_lmeval']:.3f} |")
+
 
 
 if __name__ == "__main__":

@@ -88,8 +88,8 @@ def continuation_logprobs(model: Any, requests: list[tuple[list[int], dict[str, 
     for r, (ctx, conts) in enumerate(requests):
         groups: dict[tuple[int, ...], list[tuple[int, str, list[int]]]] = {}
         for k, cont in conts.items():
-            if not cont:
-                raise ValueError(f"empty continuation for option {k!r}")
+            if not ctx or not cont:
+                raise ValueError(f"request {r}, option {k!r}: empty context or continuation")
             groups.setdefault(tuple(cont[:-1]) if share else (k,), []).append((r, k, cont))
         for members in groups.values():
             rows.append(((ctx + members[0][2])[:-1], len(ctx) - 1, members))
