@@ -273,7 +273,11 @@ class EvaluateCfg(_Frozen):
     # changing the training seed does not change what is evaluated.
     seed: int = 3407
     mcq_limit: int | None = Field(None, ge=1)
-    mcq_generate: bool = False
+    # Besides the letters' log-likelihood (always): none; r1 = our prompt, the model reasons, then the
+    # letter it commits to is extracted; kormedmcqa = lm-evaluation-harness's kormedmcqa task (its prompt,
+    # stop strings and answer filter, zero-shot), comparable with published numbers. Both generate up
+    # to max_new_tokens per item (slow on a CPU).
+    mcq_generate: Literal["none", "r1", "kormedmcqa"] = "none"
     gen_limit: int = Field(8, ge=0)
     translation_limit: int = Field(20, ge=0)
     max_new_tokens: int = Field(96, ge=1)

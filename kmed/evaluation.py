@@ -11,12 +11,39 @@ from typing import Any
 
 LETTERS = ("A", "B", "C", "D", "E")
 ANSWER_CUE = "정답: "
+# The options are scored right after an empty think block: the answer a reasoning model commits to
+# when it writes no reasoning (R1's own way to skip it).
+EMPTY_THINK = "<think>\n\n</think>\n"
 _THINK = re.compile(r"<think>(.*?)</think>", re.S)
 
 
 def mcq_question_text(item: dict[str, Any]) -> str:
     opts = "\n".join(f"{k}. {v}" for k, v in sorted(item["options"].items()))
     return f"{item['question']}\n\n{opts}"
+
+
+def mcq_context(prompter: Any, item: dict[str, Any]) -> str:
+    """The text each option letter is scored after: the prompt as trained (a `kmed.prompt.Prompter`),
+    an empty think block (less what a chat template already opened) and the answer cue."""
+    prompt = prompter.prompt(mcq_question_text(item))
+    return prompt + prompter.after_prompt(prompt, EMPTY_THINK) + ANSWER_CUE
+
+
+def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], list[int], bool]:
+    """Token ids of (context, continuation) as lm-evaluation-harness encodes a causal-LM pair
+    (`LM._encode_pair`): trailing whitespace of the context moves into the continuation, then the
+    continuation is what tokenizing the whole text adds after the context's tokens.
+
+    A BPE tokenizer never writes "정답: " + "A" (a lone space token, then a bare letter): it writes
+    "정답:" + " A". Scoring the former measured tokens of near-zero probability. The third value says
+    whether the context's tokens are a prefix of the whole text's (else, like lm-eval, the context's
+    own tokens are still the ones fed and the continuation is the whole text's remainder)."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = tok(context + continuation, add_special_tokens=True)["input_ids"]
+    ctx = tok(context, add_special_tokens=True)["input_ids"]
+    return ctx, whole[len(ctx):], whole[: len(ctx)] == ctx
 
 
 def mcq_accuracy(scores: Sequence[dict[str, float]], answers: Sequence[str]) -> float:
@@ -35,6 +62,45 @@ def extract_letter(text: str) -> str | None:
     ans = answer_text(text)
     m = re.search(r"(?:정답|답|answer)\s*(?:은|는|:|：)?\s*\(?([A-E])(?![A-Za-z])", ans, re.I) or _LETTER.match(ans)
     return m.group(1).upper() if m else None
+
+
+# lm-evaluation-harness's `kormedmcqa` task (lm_eval/tasks/kormedmcqa, v3.0, lm-eval 0.4.13), so that
+# `evaluate.mcq_generate: kormedmcqa` can be compared with numbers published with it: its prompt (no
+# system text, no chat template, a full-width colon), greedy decoding cut at its stop strings, and its
+# answer filter, the cascade of the KorMedMCQA paper's Appendix B.
+KORMEDMCQA_UNTIL = ("Q:", "</s>", "<|im_end|>", ".", "\n\n")
+_KORMEDMCQA_CHOICE = (
+    re.compile(r"정답[:\s]*([ABCDE])", re.I),
+    re.compile(r"정답은\s*([ABCDE])\s*입니다", re.I),
+    re.compile(r"\b([ABCDE])\.", re.I),
+    re.compile(r"\b([ABCDE])\b", re.I),
+)
+
+
+def kormedmcqa_prompt(item: dict[str, Any]) -> str:
+    """The task's `doc_to_text`: the question, one `X. option` line per option, then `정답：`."""
+    opts = "".join(f"{k}. {v}\n" for k, v in sorted(item["options"].items()))
+    return f"{item['question'].strip()}\n{opts}정답："
+
+
+def kormedmcqa_cut(text: str, eos: str | None) -> tuple[str, bool]:
+    """The generation as lm-eval keeps it (cut before the first of each stop string, EOS included),
+    and whether a stop string occurred (else lm-eval would have generated on, up to 1024 tokens)."""
+    stopped = False
+    for term in (*KORMEDMCQA_UNTIL, *([eos] if eos else [])):
+        if term in text:
+            text, stopped = text.split(term)[0], True
+    return text, stopped
+
+
+def kormedmcqa_choice(text: str) -> str:
+    """The task's answer filter (`utils.extract_choice`): the last match of the first pattern that
+    matches, upper-cased, or "" (scored wrong)."""
+    for pattern in _KORMEDMCQA_CHOICE:
+        found = pattern.findall(text)
+        if found:
+            return found[-1].upper()
+    return ""
 
 
 def check_format(text: str) -> dict[str, Any]:

@@ -22,16 +22,19 @@ from typing import Any
 from kmed.config import Params, load_params, resolved_dict
 from kmed.doctor import preflight
 from kmed.evaluation import (
-    ANSWER_CUE,
-    LETTERS,
     answer_text,
     bleu_metric,
     check_format,
     chrf_metric,
     corpus_score_samples,
+    encode_pair,
     extract_letter,
     is_repetitive,
+    kormedmcqa_choice,
+    kormedmcqa_cut,
+    kormedmcqa_prompt,
     mcq_accuracy,
+    mcq_context,
     mcq_question_text,
     regression_keys,
     sample_mean,
@@ -40,7 +43,7 @@ from kmed.evaluation import (
     wilson,
 )
 from kmed.io import StageError, read_jsonl, run_stage, write_json, write_jsonl, write_text_atomic
-from kmed.prompt import decoding
+from kmed.prompt import Prompter, decoding
 from kmed.tracking import Tracker
 
 log = logging.getLogger("stages.evaluate")
@@ -48,47 +51,83 @@ MODEL_DIRS = {"base": Path("models/base"), "stage1": Path("models/stage1/merged"
 TABLE_KEYS = regression_keys()
 
 
-def mcq_scores(model: Any, tok: Any, system: str, items: list[dict[str, Any]], batch: int) -> list[dict[str, float]]:
-    """Log-probability of each option letter right after the answer cue. Items are batched by length
-    (little padding) and the vocabulary projection runs only on each prompt's last position."""
+def mcq_scores(model: Any, tok: Any, prompter: Any, items: list[dict[str, Any]], batch: int,
+               share: bool = True) -> list[dict[str, float]]:
+    """Log-likelihood of each option letter after the MCQ context (`mcq_context`), scored the way
+    lm-evaluation-harness scores a `multiple_choice` task: the cue's trailing space moves into the
+    continuation ("정답:" + " A", the tokens the tokenizer writes) and an option's score is the sum
+    of its continuation tokens' log-probabilities (`encode_pair`). `share`: see `continuation_logprobs`."""
+    requests = []
+    unaligned = 0
+    for it in items:
+        ctx_text = mcq_context(prompter, it)
+        conts: dict[str, list[int]] = {}
+        ctx: list[int] = []
+        for k in it["options"]:
+            ctx, conts[k], aligned = encode_pair(tok, ctx_text, k)
+            unaligned += not aligned
+        requests.append((ctx, conts))
+    if unaligned:  # scored as lm-eval does; counted because such a continuation is not what follows the context
+        log.warning("mcq: %d option(s) whose context tokens are not a prefix of context + option", unaligned)
+    return continuation_logprobs(model, requests, batch, tok.pad_token_id, share=share)
+
+
+def continuation_logprobs(model: Any, requests: list[tuple[list[int], dict[str, list[int]]]], batch: int,
+                          pad: int | None, share: bool = True) -> list[dict[str, float]]:
+    """For each (context ids, {key: continuation ids}): the summed log-probability of each continuation
+    after the context, fed as context + continuation (lm-eval's `_loglikelihood_tokens`).
+
+    With `share`, continuations that differ only in their last token share one forward pass: every
+    option of an item when each is a single token (" A" … " E": one forward per item, read at the last
+    context position). Without it, one forward per continuation (the general path; same numbers). Rows
+    are batched by length with right padding, and the vocabulary projection runs only on the scored
+    positions (the model may be 32B: full-sequence logits would not fit)."""
     import torch
     from tqdm.auto import tqdm
 
-    from kmed.data import render_prompt
-
-    letter_ids = {k: tok(k, add_special_tokens=False)["input_ids"][0] for k in LETTERS}
-    prompts = [render_prompt(system, mcq_question_text(it)) + f"<think>\n\n</think>\n{ANSWER_CUE}" for it in items]
-    ids = tok(prompts, add_special_tokens=True)["input_ids"] if prompts else []
-    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
-    out: list[dict[str, float] | None] = [None] * len(items)
+    # Rows: (input ids, first scored position, [(request, key, continuation)]).
+    rows: list[tuple[list[int], int, list[tuple[int, str, list[int]]]]] = []
+    for r, (ctx, conts) in enumerate(requests):
+        groups: dict[tuple[int, ...], list[tuple[int, str, list[int]]]] = {}
+        for k, cont in conts.items():
+            if not ctx or not cont:
+                raise ValueError(f"request {r}, option {k!r}: empty context or continuation")
+            groups.setdefault(tuple(cont[:-1]) if share else (k,), []).append((r, k, cont))
+        for members in groups.values():
+            rows.append(((ctx + members[0][2])[:-1], len(ctx) - 1, members))
+    out: list[dict[str, float]] = [{} for _ in requests]
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), i))
     dev = next(model.parameters()).device
     backbone, head = model.model, model.get_output_embeddings()
-    pad = tok.pad_token_id
     for i in tqdm(range(0, len(order), batch), desc="mcq", unit="batch", mininterval=5.0):
         idx = order[i : i + batch]
-        n = max(len(ids[j]) for j in idx)
-        x = torch.full((len(idx), n), pad, dtype=torch.long)
+        n = max(len(rows[j][0]) for j in idx)
+        x = torch.full((len(idx), n), pad if pad is not None else 0, dtype=torch.long)
         att = torch.zeros((len(idx), n), dtype=torch.long)
-        for r, j in enumerate(idx):  # right padding: positions stay those of an unpadded prompt
-            x[r, : len(ids[j])] = torch.tensor(ids[j])
-            att[r, : len(ids[j])] = 1
-        x, att = x.to(dev), att.to(dev)
+        for b, j in enumerate(idx):  # right padding: positions stay those of an unpadded sequence
+            x[b, : len(rows[j][0])] = torch.tensor(rows[j][0])
+            att[b, : len(rows[j][0])] = 1
         with torch.no_grad():
-            hidden = backbone(input_ids=x, attention_mask=att, use_cache=False).last_hidden_state
-            last = hidden[torch.arange(len(idx), device=dev), att.sum(1) - 1]
-            lp = torch.log_softmax(head(last).float(), -1)
-        for r, j in enumerate(idx):
-            out[j] = {k: lp[r, letter_ids[k]].item() for k in items[j]["options"]}
-    return [o for o in out if o is not None]
+            hidden = backbone(input_ids=x.to(dev), attention_mask=att.to(dev), use_cache=False).last_hidden_state
+            for b, j in enumerate(idx):
+                ids, first, members = rows[j]
+                lp = torch.log_softmax(head(hidden[b, first : len(ids)]).float(), -1)
+                for r, k, cont in members:
+                    out[r][k] = sum(lp[t, c].item() for t, c in enumerate(cont))
+    return out
+
+
+def mcq_sample(params: Params, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The MCQ items evaluated: seeded by `evaluate.seed`, so a new training seed scores the same items."""
+    return stratified_sample(items, params.evaluate.mcq_limit, params.evaluate.seed)
 
 
 def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dict[str, float], list[dict[str, Any]]]:
     import torch
 
-    from kmed.data import EN2KO_INSTRUCTION, KO2EN_INSTRUCTION, render_prompt
+    from kmed.data import EN2KO_INSTRUCTION, KO2EN_INSTRUCTION
     from kmed.lm import encode_records, generation_engine, greedy_generate, masked_loss
     from kmed.modeling import autocast_context, load_for_inference, load_tokenizer
-    from kmed.prompt import Prompter
 
     ec, system = params.evaluate, params.data.system_prompt
     folder = MODEL_DIRS[name]
@@ -114,18 +153,33 @@ def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dic
                 r = masked_loss(model, sorted(enc, key=lambda e: len(e["input_ids"])), bs, tok.pad_token_id)
                 m[f"val{i}_loss"], m[f"val{i}_ppl"] = r["loss"], r["ppl"]
 
-        # MCQ accuracy by answer-letter log-likelihood, with its 95 % Wilson interval.
+        # MCQ accuracy by the log-likelihood of the option letters, with its 95 % Wilson interval.
         items = sets["mcq"]
-        scores = mcq_scores(model, tok, system, items, bs)
+        prompter = Prompter(params.data.prompt_format, system, tok)
+        scores = mcq_scores(model, tok, prompter, items, bs)
         hits = round(mcq_accuracy(scores, [it["answer"] for it in items]) * len(items))
         m["mcq_acc"] = hits / max(len(items), 1)
         m["mcq_acc_lo"], m["mcq_acc_hi"] = wilson(hits, len(items))
         m["mcq_n"] = len(items)
-        if ec.mcq_generate:  # slower: let the model reason, then extract the letter it commits to
-            prompts = [render_prompt(system, mcq_question_text(it)) for it in items]
-            outs = greedy_generate(model, tok, prompts, ec.max_new_tokens, gen_batch(model, tok, prompts, ec),
-                                   desc="mcq generate")
-            m["mcq_gen_acc"] = sum(extract_letter(o["text"]) == it["answer"] for o, it in zip(outs, items, strict=True)) / max(len(items), 1)
+        if ec.mcq_generate != "none":  # slower: generate, then extract the letter the model commits to
+            if ec.mcq_generate == "r1":  # our prompt: the model reasons in <think>, then answers
+                prompts = [prompter.prompt(mcq_question_text(it)) for it in items]
+                outs = greedy_generate(model, tok, prompts, ec.max_new_tokens, gen_batch(model, tok, prompts, ec),
+                                       desc="mcq generate")
+                picks = [extract_letter(prompter.as_generated(p, o["text"])) for p, o in zip(prompts, outs, strict=True)]
+            else:  # kormedmcqa: lm-eval's task, zero-shot (its 5-shot split is not shipped here)
+                kp = [kormedmcqa_prompt(it) for it in items]
+                outs = greedy_generate(model, tok, kp, ec.max_new_tokens, gen_batch(model, tok, kp, ec),
+                                       desc="mcq generate (kormedmcqa)")
+                cut = [kormedmcqa_cut(o["text"], tok.eos_token) for o in outs]
+                picks = [kormedmcqa_choice(text) for text, _ in cut]
+                # lm-eval generates up to 1024 tokens until a stop string; past evaluate.max_new_tokens
+                # without one, its pick may differ from ours: the share says how often that was possible.
+                unstopped = sum(not (stop or o["stopped"]) for (_, stop), o in zip(cut, outs, strict=True))
+                m["mcq_gen_unstopped"] = unstopped / max(len(items), 1)
+            gen_hits = sum(p == it["answer"] for p, it in zip(picks, items, strict=True))
+            m["mcq_gen_acc"] = gen_hits / max(len(items), 1)
+            m["mcq_gen_acc_lo"], m["mcq_gen_acc_hi"] = wilson(gen_hits, len(items))
 
         # Reasoning format and degenerate repetition on held-out medical questions, then translation both
         # ways: `samples` seeded samples per prompt under the decoding defaults (or one greedy decode).
@@ -230,7 +284,7 @@ def main() -> None:
     val1, val2 = read_jsonl(need[2]), read_jsonl(need[3])
     all_mcq = read_jsonl(need[0])
     sets = {
-        "mcq": stratified_sample(all_mcq, ec.mcq_limit, ec.seed),
+        "mcq": mcq_sample(params, all_mcq),
         "koen": read_jsonl(need[1])[: ec.translation_limit],
         "val_stage1": val1[: ec.val_limit], "val_stage2": val2[: ec.val_limit],
         "format_questions": [r["question"] for r in val1][: ec.gen_limit],
@@ -302,7 +356,6 @@ def duration_estimate(params: Params, sets: dict[str, Any]) -> str:
     from kmed.io import gpu_free_planned
     from kmed.lm import PAD_MULTIPLE, batch_that_fits, seq_bytes
     from kmed.modeling import checkpoint_bytes, load_tokenizer, planned_placement
-    from kmed.prompt import Prompter
 
     if not torch.cuda.is_available():
         return "no estimate on the CPU (measured CPU runs: bench/RESULTS.md)"

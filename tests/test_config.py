@@ -90,6 +90,7 @@ def _write(tmp_path: Path, mutate) -> Path:  # noqa: ANN001
             lambda r: r["data"]["eval"].update(mcq=[{**r["data"]["eval"]["mcq"], "kind": "tsv"}]),
             "'data.eval.mcq.0.kind'",
         ),
+        (lambda r: r["evaluate"].update(mcq_generate=True), "'evaluate.mcq_generate'"),  # was a bool
     ],
 )
 def test_bad_params_one_sentence(tmp_path: Path, mutate, needle: str) -> None:  # noqa: ANN001
@@ -100,6 +101,13 @@ def test_bad_params_one_sentence(tmp_path: Path, mutate, needle: str) -> None:  
     assert needle in msg
     assert msg.count("\n") == 0 and msg.endswith(".")
     assert str(path) in msg
+
+
+@pytest.mark.parametrize("protocol", ["none", "r1", "kormedmcqa"])
+def test_mcq_generate_protocols(tmp_path: Path, protocol: str) -> None:
+    assert load_params(_write(tmp_path, lambda r: r["evaluate"].update(mcq_generate=protocol))).evaluate.mcq_generate == protocol
+    for path in PARAM_FILES:  # generation is opt-in: CPU time (and 32B GPU time in the recipe)
+        assert load_params(path).evaluate.mcq_generate == "none"
 
 
 def test_trust_remote_code_allowed_when_pinned_and_listed(tmp_path: Path) -> None:
