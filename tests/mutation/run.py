@@ -349,7 +349,9 @@ def main() -> int:
     if args.baseline:
         tests = tuple(dict.fromkeys(t for mut in chosen for t in mut.tests))
         out = run_one(None, tests, args.timeout * 4)
-        print(f"baseline: {'pass' if out.status == 'survived' else out.status}  {out.seconds:.0f} s  {out.detail}")
+        # Unmutated, every test must pass: "survived" is the good outcome here.
+        verdict = {"survived": "pass", "caught": "FAIL"}.get(out.status, out.status)
+        print(f"baseline: {verdict}  {out.seconds:.0f} s  {out.detail}")
         return 0 if out.status == "survived" else 1
 
     t_all = time.monotonic()

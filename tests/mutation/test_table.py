@@ -15,6 +15,8 @@ def _rows() -> dict[str, str]:
     """{first cell: test cell} of docs/reliability.md's scenario rows in SECTIONS."""
     rows, section = {}, None
     for line in (ROOT / "docs/reliability.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):  # the scenarios table ends at the next heading
+            section = None
         if not line.startswith("| "):
             continue
         cells = [c.strip() for c in line.strip("|").split(" | ")]
