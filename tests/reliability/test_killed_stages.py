@@ -197,15 +197,27 @@ EXPORT_PARAMS = {
     "export.quantizations": ["q8_0"],
     "export.min_token_agreement": {"f16": 0.9, "q8_0": 0.8},
     "export.max_ppl_delta": {"q8_0": 0.05},
+    # The tiny Llama's logits are all 0: greedy picks token 0 (an end of generation for llama.cpp), sampling
+    # would pick at random; and it writes no R1 answer.
+    "generate.do_sample": False,
+    "export.min_chat_format_ok": 0.0,
     "mlflow.enabled": False,
 }
 
 
 def export_workdir(wd: Path, tiny_llama_dir: Path) -> Path:
-    """models/stage2/merged = the tiny Llama; held-out text from tiny splits."""
+    """models/stage2/merged = the tiny Llama with the chat template merge writes; held-out text from tiny splits."""
+    from kmed.config import load_params
+    from kmed.modeling import load_tokenizer
+    from kmed.prompt import chat_template
+
     make_sft_workdir(wd, tiny_llama_dir, **EXPORT_PARAMS)
     (wd / "models/stage2").mkdir(parents=True)
-    (wd / "models/base").rename(wd / "models/stage2/merged")
+    merged = wd / "models/stage2/merged"
+    (wd / "models/base").rename(merged)
+    tok = load_tokenizer(merged)
+    tok.chat_template = chat_template("seed", load_params(wd / "params.yaml").data.system_prompt, tok)
+    tok.save_pretrained(merged)
     return wd
 
 
@@ -223,7 +235,7 @@ def test_export_killed_mid_write_leaves_no_export(tmp_path: Path, tiny_llama_dir
     assert {p.name for p in tmp.iterdir()} == {"model-f16.gguf", "model-q8_0.gguf"}
 
     kit.stage(wd, "stages.export")
-    assert {p.name for p in out.iterdir()} == {"model-q8_0.gguf", "README.md", "Modelfile", "files.json"}
+    assert {p.name for p in out.iterdir()} == {"model-q8_0.gguf", "README.md", "Modelfile", "files.json", "decoding.json"}
     assert not kit.siblings(out)
     m = json.loads((wd / "metrics/export.json").read_text())
     assert m["q8_0.chat_stopped"] == 1 and m["q8_0.token_agreement"] == 1.0
