@@ -1264,7 +1264,7 @@ def test_build_is_deterministic(tmp_path: Path, smol_tokenizer: Any) -> None:
     first, second = run(tmp_path / "o1"), run(tmp_path / "o2")
     assert first == second and len(first) == 8
     rec = json.loads(first["stage1/train.jsonl"].splitlines()[0])
-    assert set(rec) == {"id", "source", "task", "lang", "prompt", "completion", "n_prompt_tokens", "n_tokens"}
+    assert set(rec) == {"id", "source", "task", "lang", "question", "prompt", "completion", "n_prompt_tokens", "n_tokens"}
 
 
 def _stage_repo(root: Path, tok: Any) -> None:
