@@ -293,7 +293,8 @@ def test_evaluate_model_mcq_protocols(tmp_path: Path, tiny_model_dir: Path, monk
     (tmp_path / "models/base").symlink_to(tiny_model_dir)
     monkeypatch.chdir(tmp_path)
     items = [ITEM, {**ITEM, "id": "x2", "answer": "D"}, {**ITEM, "id": "x3", "answer": "E"}]
-    sets = {"mcq": items, "koen": [], "val_stage1": [], "val_stage2": [], "format_questions": []}
+    sets = {"mcq": items, "koen": [], "val_stage1": [], "val_stage2": [], "format_questions": [],
+            "decoding": {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 0, "max_new_tokens": 8}}
     m, _ = evaluate_model("base", params, sets)
     assert m["mcq_n"] == 3 and m["mcq_acc"] in (0, 1 / 3, 2 / 3, 1)
     assert m["mcq_gen_acc"] in (0, 1 / 3, 2 / 3, 1) and m["mcq_gen_acc_lo"] <= m["mcq_gen_acc"] <= m["mcq_gen_acc_hi"]
