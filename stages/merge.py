@@ -129,7 +129,8 @@ def write_model_files(out: Path, base: Any, tok: Any, save_dtype: str, trust_rem
         gen = GenerationConfig.from_model_config(cfg)
     gen.eos_token_id, gen.pad_token_id = tok.eos_token_id, tok.pad_token_id
     # Greedy defaults carry no sampling knobs (transformers refuses to save temperature etc. without do_sample).
-    for k, v in dec.items() if dec["do_sample"] else (("do_sample", False), ("max_new_tokens", dec["max_new_tokens"])):
+    greedy = {"temperature": None, "top_p": None, "top_k": None}
+    for k, v in (dec if dec["do_sample"] else {**dec, **greedy}).items():
         setattr(gen, k, v)
     gen.save_pretrained(str(out))
     tok.chat_template = template
