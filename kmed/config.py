@@ -275,8 +275,8 @@ class EvaluateCfg(_Frozen):
     mcq_limit: int | None = Field(None, ge=1)
     # Besides the letters' log-likelihood (always): none; r1 = our prompt, the model reasons, then the
     # letter it commits to is extracted; kormedmcqa = lm-evaluation-harness's kormedmcqa task (its prompt,
-    # stop strings and answer filter, zero-shot), comparable with published numbers. Both generate up
-    # to max_new_tokens per item (slow on a CPU).
+    # stop strings and answer filter), zero-shot: comparable with lm-eval's zero-shot kormedmcqa numbers.
+    # Both generate up to max_new_tokens per item (slow on a CPU).
     mcq_generate: Literal["none", "r1", "kormedmcqa"] = "none"
     gen_limit: int = Field(8, ge=0)
     translation_limit: int = Field(20, ge=0)
