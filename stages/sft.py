@@ -439,6 +439,12 @@ def main() -> None:
     log.info("resolved config: %s", json.dumps(sec, ensure_ascii=False))
     if not (start / "config.json").exists():
         raise StageError(f"{start} has no model; run the earlier stages first (`dvc repro`).")
+    if scfg.init == "merge_then_new_adapter" and params.model.load_in_4bit and torch.cuda.is_available():
+        # Measured at 7B (bench/RESULTS.md, session 11): stage 2's val loss started at the base's 12.55, not
+        # stage 1's 9.58, because a stage-1 delta under half an NF4 step rounds back to the base's code.
+        log.warning("sft %s: %s (stage 1 merged) is loaded back in 4-bit; LoRA deltas smaller than an NF4 step "
+                    "round back to the base. sft_%s.init: continue_adapter keeps stage 1 exact (bench/RESULTS.md).",
+                    stage, start, stage)
 
     # Seed.
     set_seed(params.train.seed)
