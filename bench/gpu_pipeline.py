@@ -2,7 +2,8 @@
 export, each the project's own stage command, on a random-weight model with a real architecture's shapes.
 
     python bench/gpu_pipeline.py pack --out .gpu_carry                                # here, on the CPU
-    python bench/gpu_pipeline.py prepare --shape 7b --work /tmp/pipe --assets .gpu_carry --steps 10 --lr 1e-3
+    python bench/gpu_pipeline.py prepare --shape 7b --work /tmp/pipe --assets .gpu_carry --steps 10 --lr 1e-3 \
+        [--stage2-init continue_adapter]
     python bench/gpu_pipeline.py stages --work /tmp/pipe --results $OUT/pipeline.jsonl            # all six
     python bench/gpu_pipeline.py stages --work /tmp/pipe --only merge@stage1 --results ...      # one
     python bench/gpu_pipeline.py table --results pipeline.jsonl
@@ -103,6 +104,8 @@ def cmd_prepare(a: argparse.Namespace) -> None:
     # A learning rate from the first step: at the recipe's 2e-4 with 5 warm-up steps, 3 steps leave a stage-2 LoRA
     # delta below bf16's resolution of the merged weights, and stage 1 and stage 2 evaluate identically.
     raw["train"].update(learning_rate=a.lr, warmup_steps=0)
+    if a.stage2_init:  # sft_stage2.init (kmed.config: base | merge_then_new_adapter | continue_adapter)
+        raw["sft_stage2"]["init"] = a.stage2_init
     raw["evaluate"].update(mcq_limit=16, gen_limit=4, translation_limit=4, max_new_tokens=32)  # batch: the recipe's
     raw["export"].update(quantizations=["q4_k_m"], min_token_agreement={}, max_ppl_delta={}, parity_tokens=8,
                          check_texts=2, check_max_tokens=128, chat_must_stop=False,
@@ -110,6 +113,7 @@ def cmd_prepare(a: argparse.Namespace) -> None:
     raw["mlflow"]["enabled"] = False
     (work / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
     print(json.dumps({"mode": "prepare", "shape": a.shape, "params": res["params"], "eos": tcfg.get("eos_token"),
+                      "stage2_init": raw["sft_stage2"]["init"],
                       "base_bytes": du([base]), "secs": round(time.time() - t0, 1)}), flush=True)
 
 
@@ -333,6 +337,8 @@ def main() -> None:
     p.add_argument("--assets", required=True)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3, help="train.learning_rate (warm-up 0)")
+    p.add_argument("--stage2-init", default="", choices=["", "base", "merge_then_new_adapter", "continue_adapter"],
+                   help="sft_stage2.init in the workdir's params.yaml (default: the recipe's)")
     p.set_defaults(fn=cmd_prepare)
     p = sub.add_parser("pack")
     p.add_argument("--out", default=".gpu_carry")

@@ -17,6 +17,8 @@
 #   LCP_BUILD=0 bash bench/gpu_proof.sh setup pipe eval   # without the llama.cpp build (export needs it)
 #   EXPORT=0 bash bench/gpu_proof.sh setup export7b   # export's source + the llama.cpp build only (export next call)
 #   LCP_CMAKE=-DGGML_CUDA_FA=OFF ...  # extra CMake flags for the llama.cpp build (shorter build)
+#   STAGE2_INIT=continue_adapter ... pipe   # sft_stage2.init in the workdir's params (default: the recipe's,
+#                                      # merge_then_new_adapter); continue_adapter trains stage 1's LoRA on the base
 #   bash bench/gpu_proof.sh export7b   # export (f16 + q4_k_m GGUF, llama.cpp on the GPU); without a 7B pipe
 #                                      # workdir: a 7B base + random adapter + merge@stage1 as the source
 #   bash bench/gpu_proof.sh merge14b   # Qwen2.5-14B: a random adapter, then merge@stage1 alone (memory flat in size)
@@ -84,7 +86,7 @@ setup)
 pipe|pipe7b)
   [ "$phase" = pipe7b ] && { SHAPE=7b; W=$B/p7b; }
   $PY bench/gpu_pipeline.py prepare --shape "$SHAPE" --work "$W" --assets .gpu_carry --steps "${STEPS:-10}" \
-    --lr "${LR:-1e-3}" | tee -a "$OUT/pipe$SHAPE.jsonl"
+    --lr "${LR:-1e-3}" --stage2-init "${STAGE2_INIT:-}" | tee -a "$OUT/pipe$SHAPE.jsonl"
   stages "$W" "$SHAPE" "$OUT/pipe$SHAPE.jsonl" sft-stage1 merge@stage1 sft-stage2 merge@stage2
   ;;
 eval|eval7b)
