@@ -337,8 +337,8 @@ def main() -> None:
     p.add_argument("--assets", required=True)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3, help="train.learning_rate (warm-up 0)")
-    p.add_argument("--stage2-init", default="", choices=["", "base", "merge_then_new_adapter", "continue_adapter"],
-                   help="sft_stage2.init in the workdir's params.yaml (default: the recipe's)")
+    p.add_argument("--stage2-init", default="",
+                   help="sft_stage2.init in the workdir's params.yaml (default: the recipe's; kmed.config validates it)")
     p.set_defaults(fn=cmd_prepare)
     p = sub.add_parser("pack")
     p.add_argument("--out", default=".gpu_carry")
