@@ -86,9 +86,10 @@ def quantized(prefix: str, w: Any) -> dict[str, Any]:
 
 
 def build(shape: dict[str, Any], out: Path, rms_norm_eps: float = 1e-6, seed: int = 0,
-          originals: dict[str, Any] | None = None) -> dict[str, Any]:
+          originals: dict[str, Any] | None = None, form: str = "nf4") -> dict[str, Any]:
     """Write the checkpoint into `out` (created, must not exist). `originals`, when given, receives every
-    written weight's bf16 original on CPU (quantized ones too): for tests on tiny shapes only."""
+    written weight's bf16 original on CPU (quantized ones too): for tests on tiny shapes only. `form`: nf4 (the
+    pre-quantized checkpoint above) or bf16 (the same random weights, written unquantized: a 16-bit base)."""
     import torch
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -101,7 +102,8 @@ def build(shape: dict[str, Any], out: Path, rms_norm_eps: float = 1e-6, seed: in
                       bos_token_id=0, eos_token_id=1, pad_token_id=1)
     cfg.dtype = "bfloat16"
     cfg.architectures = ["Qwen2ForCausalLM"]
-    cfg.quantization_config = bnb_config()
+    if form == "nf4":
+        cfg.quantization_config = bnb_config()
     cfg.save_pretrained(out)
     GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1).save_pretrained(out)
 
@@ -128,7 +130,7 @@ def build(shape: dict[str, Any], out: Path, rms_norm_eps: float = 1e-6, seed: in
             w = rand(lin[name], dev)
             if originals is not None:
                 originals[f"{p}.{name}.weight"] = w.cpu()
-            tensors.update(quantized(f"{p}.{name}", w))
+            tensors.update(quantized(f"{p}.{name}", w) if form == "nf4" else {f"{p}.{name}.weight": w.cpu()})
             params += w.numel()
             del w
         for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):

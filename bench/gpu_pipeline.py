@@ -87,7 +87,7 @@ def cmd_prepare(a: argparse.Namespace) -> None:
     t0 = time.time()
     ntok = len(json.loads((assets / "tokenizer.json").read_text())["model"]["vocab"])
     shape = dict(SHAPES[a.shape], vocab_size=max(SHAPES[a.shape].get("vocab_size") or 0, ntok))
-    res = build(shape, base, rms_norm_eps=RMS_NORM_EPS.get(a.shape, 1e-6))
+    res = build(shape, base, rms_norm_eps=RMS_NORM_EPS.get(a.shape, 1e-6), form=a.base_form)
     for f in TOKENIZER_FILES:
         shutil.copy(assets / f, base / f)
     tcfg = json.loads((assets / "tokenizer_config.json").read_text())
@@ -104,8 +104,10 @@ def cmd_prepare(a: argparse.Namespace) -> None:
     # A learning rate from the first step: at the recipe's 2e-4 with 5 warm-up steps, 3 steps leave a stage-2 LoRA
     # delta below bf16's resolution of the merged weights, and stage 1 and stage 2 evaluate identically.
     raw["train"].update(learning_rate=a.lr, warmup_steps=0)
-    if a.stage2_init:  # sft_stage2.init (kmed.config: base | merge_then_new_adapter | continue_adapter)
+    if a.stage2_init:  # sft_stage2.init (kmed.config validates it)
         raw["sft_stage2"]["init"] = a.stage2_init
+    if a.min_retained is not None:  # 0: stage 2 runs (and records stage1_retained) whatever its start kept
+        raw["sft_stage2"]["min_stage1_retained"] = a.min_retained
     raw["evaluate"].update(mcq_limit=16, gen_limit=4, translation_limit=4, max_new_tokens=32)  # batch: the recipe's
     raw["export"].update(quantizations=["q4_k_m"], min_token_agreement={}, max_ppl_delta={}, parity_tokens=8,
                          check_texts=2, check_max_tokens=128, chat_must_stop=False,
@@ -113,7 +115,7 @@ def cmd_prepare(a: argparse.Namespace) -> None:
     raw["mlflow"]["enabled"] = False
     (work / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
     print(json.dumps({"mode": "prepare", "shape": a.shape, "params": res["params"], "eos": tcfg.get("eos_token"),
-                      "stage2_init": raw["sft_stage2"]["init"],
+                      "stage2_init": raw["sft_stage2"]["init"], "base_form": a.base_form,
                       "base_bytes": du([base]), "secs": round(time.time() - t0, 1)}), flush=True)
 
 
@@ -176,6 +178,22 @@ def cmd_pack(a: argparse.Namespace) -> None:
     sizes = {f.name: f.stat().st_size for f in out.iterdir() if f.is_file()}
     print(json.dumps({"mode": "pack", "out": str(out), "ids": ids, "llama_cpp_python": ver, "bytes": sizes,
                       "processed": sorted(str(f.relative_to(out)) for f in (out / "processed").rglob("*.jsonl"))}))
+
+
+def cmd_set(a: argparse.Namespace) -> None:
+    """Edit the workdir's params.yaml (values parsed as YAML), e.g. to start stage 2 again with another init."""
+    import yaml
+
+    path = Path(a.work) / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for pair in a.pairs:
+        key, _, value = pair.partition("=")
+        *parents, leaf = key.split(".")
+        node = raw
+        for k in parents:
+            node = node[k]
+        node[leaf] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
 
 
 def cmd_adapter(a: argparse.Namespace) -> None:
@@ -339,7 +357,14 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="train.learning_rate (warm-up 0)")
     p.add_argument("--stage2-init", default="",
                    help="sft_stage2.init in the workdir's params.yaml (default: the recipe's; kmed.config validates it)")
+    p.add_argument("--base-form", choices=["nf4", "bf16"], default="nf4",
+                   help="the base as a pre-quantized NF4 checkpoint (the seed's unsloth-bnb-4bit form) or in bf16")
+    p.add_argument("--min-retained", type=float, default=None, help="sft_stage2.min_stage1_retained in the workdir")
     p.set_defaults(fn=cmd_prepare)
+    p = sub.add_parser("set", help="set params.yaml keys of a workdir: --work W sft_stage2.init=continue_adapter ...")
+    p.add_argument("--work", required=True)
+    p.add_argument("pairs", nargs="+")
+    p.set_defaults(fn=cmd_set)
     p = sub.add_parser("pack")
     p.add_argument("--out", default=".gpu_carry")
     p.add_argument("--sdist", default="", help="a llama-cpp-python sdist already downloaded (default: pip download)")

@@ -109,6 +109,24 @@ export7b)
   [ "${EXPORT:-1}" = 0 ] && { echo "export skipped (EXPORT=0): source and llama.cpp build ready"; continue; }
   stages "$W" 7b "$OUT/export7b.jsonl" export
   ;;
+retain)  # stage 2's start per init and base form (bench/RESULTS.md, "Stage 2's start"): stage 1 trained, merged,
+  # then sft-stage2 started under each init with one step; its metrics carry stage1_retained (min 0: never stops)
+  for form in ${FORMS:-nf4 bf16}; do
+    rm -rf "$B"/p7b "$B"/p14b "$B"/p32b "$B"/r*; W=$B/r$form
+    $PY bench/gpu_pipeline.py prepare --shape 7b --work "$W" --assets .gpu_carry --steps "${STEPS:-10}" --lr "${LR:-1e-3}" \
+      --stage2-init new_adapter_on_stage1 --min-retained 0 --base-form "$form" | tee -a "$OUT/retain.jsonl"
+    stages "$W" 7b "$OUT/retain.jsonl" sft-stage1 merge@stage1
+    for init in ${INITS:-new_adapter_on_stage1 merge_then_new_adapter continue_adapter}; do
+      $PY bench/gpu_pipeline.py set --work "$W" sft_stage2.init=$init sft_stage2.max_steps=1
+      rm -rf "$W/models/checkpoints/stage2"
+      echo "{\"mode\": \"retain\", \"base_form\": \"$form\", \"init\": \"$init\"}" | tee -a "$OUT/retain.jsonl"
+      stages "$W" 7b "$OUT/retain.jsonl" sft-stage2
+    done
+  done
+  ;;
+nf4check)  # bitsandbytes' CPU NF4 round trip (the 135M table's) against its CUDA path, bit for bit
+  $PY bench/stage2_start.py nf4check | tee "$OUT/nf4check.json"
+  ;;
 merge14b)  # merge alone: a random adapter (the recipe's r/alpha/targets) instead of a training run
   rm -rf "$B/p7b/models/export" "$B/p7b/models/stage1" "$B/p7b/models/stage2"  # disk for the 14B run
   $PY bench/gpu_pipeline.py prepare --shape 14b --work "$B/p14b" --assets .gpu_carry --steps 1 | tee -a "$OUT/merge14b.jsonl"

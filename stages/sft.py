@@ -42,6 +42,7 @@ from kmed.tracking import Tracker
 log = logging.getLogger("stages.sft")
 
 CKPT_ROOT = Path("models/checkpoints")
+MIN_STAGE1_GAIN = 0.01  # nats: a smaller stage-1 gain (a 2-step test run) is noise, not judged by stage1_retained
 OOM_HINT = ("lower train.per_device_train_batch_size or model.max_seq_length (raise "
             "train.gradient_accumulation_steps to keep the effective batch), or keep "
             "lora.use_gradient_checkpointing on")
@@ -62,14 +63,33 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
+STAGE1_ADAPTER = Path("models/stage1/adapter")
+
+
 def stage_inputs(stage: str, params: Params) -> tuple[Path, Path | None]:
-    """(model folder to start from, adapter to continue or None)."""
+    """(model folder to start from, stage-1 adapter the stage starts from or None).
+
+    base: the base model. merge_then_new_adapter: stage 1's merged 16-bit weights (re-quantized when
+    model.load_in_4bit: stage 1's delta can round away). continue_adapter: the base with stage 1's LoRA,
+    trained further. new_adapter_on_stage1: the base with stage 1's LoRA frozen and active, and a new LoRA
+    trained beside it (`FrozenStage1`): stage 2 starts from exactly stage 1's model, in 4-bit too."""
     init = params.sft(stage).init
     if init == "base":
         return Path("models/base"), None
     if init == "merge_then_new_adapter":
         return Path("models/stage1/merged"), None
-    return Path("models/base"), Path("models/stage1/adapter")
+    return Path("models/base"), STAGE1_ADAPTER
+
+
+def lora_shape(params: Params, stacked: bool) -> tuple[int, float]:
+    """(rank, alpha) of the LoRA the stage trains. Stacked on stage 1 (new_adapter_on_stage1) it is one LoRA of
+    twice the rank: ranks [0, r) hold stage 1's adapter (frozen), ranks [r, 2r) the new one. Alpha grows with
+    the rank so that the scaling (alpha / r, or alpha / sqrt(r) with rslora) stays the one each adapter has
+    alone: the stacked delta is exactly stage 1's delta + the new adapter's."""
+    lc = params.lora
+    if not stacked:
+        return lc.r, lc.lora_alpha
+    return 2 * lc.r, lc.lora_alpha * (2**0.5 if lc.use_rslora else 2)
 
 
 def use_bf16(setting: Any) -> bool:
@@ -97,7 +117,8 @@ def packing_mode(setting: str, fast_varlen: bool = False) -> tuple[bool, bool]:
     return {"padding_free": (False, True), "bfd": (True, True), "none": (False, False)}[setting]
 
 
-def fingerprint(stage: str, params: Params, data_files: list[Path], start: Path) -> str:
+def fingerprint(stage: str, params: Params, data_files: list[Path], start: Path,
+                prev_adapter: Path | None = None) -> str:
     """Identity of a training run: checkpoints from another config or other code are never resumed.
 
     The code is this module and the kmed library: a finished checkpoint from older code would otherwise be
@@ -115,6 +136,8 @@ def fingerprint(stage: str, params: Params, data_files: list[Path], start: Path)
     lin = start / "lineage.json"
     if lin.exists():
         h.update(lin.read_bytes())
+    if prev_adapter is not None:  # stage 2 on stage 1's adapter: a retrained stage 1 is another run
+        h.update((prev_adapter / "adapter_model.safetensors").read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -174,10 +197,13 @@ def newest_complete_checkpoint(ckdir: Path, fp: str) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 # Model construction per backend
 # ---------------------------------------------------------------------------------------------
-def build_model(backend: str, start: Path, params: Params, bf16: bool) -> tuple[Any, Any, dict[str, Any]]:
-    """Return (peft model, tokenizer, notes on what differs between backends)."""
+def build_model(backend: str, start: Path, params: Params, bf16: bool,
+                stacked: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+    """Return (peft model, tokenizer, notes on what differs between backends). `stacked`: the LoRA has room
+    for stage 1's adapter beside the new one (`lora_shape`)."""
     notes: dict[str, Any] = {"backend": backend}
     lc = params.lora
+    rank, alpha = lora_shape(params, stacked)
     from kmed.modeling import load_tokenizer, refuse_unsafe_model
 
     refuse_unsafe_model(start, params.model.trust_remote_code)
@@ -194,7 +220,7 @@ def build_model(backend: str, start: Path, params: Params, bf16: bool) -> tuple[
             local_files_only=True,
         )
         model = FastLanguageModel.get_peft_model(
-            model, r=lc.r, target_modules=list(lc.target_modules), lora_alpha=lc.lora_alpha,
+            model, r=rank, target_modules=list(lc.target_modules), lora_alpha=alpha,
             lora_dropout=lc.lora_dropout, bias=lc.bias, use_gradient_checkpointing=lc.use_gradient_checkpointing,
             random_state=lc.random_state, use_rslora=lc.use_rslora, loftq_config=lc.loftq_config,
             max_seq_length=params.model.max_seq_length,
@@ -245,7 +271,7 @@ def build_model(backend: str, start: Path, params: Params, bf16: bool) -> tuple[
 
         init, notes["loftq"] = "loftq", True
     lcfg = LoraConfig(
-        r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout, target_modules=list(lc.target_modules),
+        r=rank, lora_alpha=alpha, lora_dropout=lc.lora_dropout, target_modules=list(lc.target_modules),
         bias=lc.bias, use_rslora=lc.use_rslora, task_type="CAUSAL_LM", init_lora_weights=init,
         loftq_config=LoftQConfig(**lc.loftq_config) if lc.loftq_config else {},
     )
@@ -266,6 +292,100 @@ def load_adapter_weights(model: Any, adapter: Path) -> None:
     missing = [k for k in res.unexpected_keys]
     if missing:
         raise StageError(f"{adapter}: adapter does not match lora params (unexpected key {missing[0]!r}).")
+
+
+class FrozenStage1:
+    """new_adapter_on_stage1: stage 1's trained LoRA as the frozen ranks [0, r) of the stage's rank-2r LoRA.
+
+    The new adapter (ranks [r, 2r): A random, B zero) starts at zero, so the model before the first step is
+    exactly stage 1's, whatever the base's precision (no re-quantized merge). Gradient hooks zero the frozen
+    ranks' gradients (they take no part in clipping and Adam's moments stay zero there); `restore` writes
+    their values back after every optimizer step (AdamW's decoupled weight decay shrinks every parameter).
+    One PEFT adapter of rank 2r, not two adapters: Unsloth's fused LoRA kernels take one active adapter."""
+
+    def __init__(self, model: Any, adapter: Path, r: int) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        if int(cfg.get("r", -1)) != r:
+            raise StageError(f"{adapter}: stage 1's LoRA has rank {cfg.get('r')}, lora.r is {r}; rerun sft-stage1 "
+                             "with the same lora params (`dvc repro`).")
+        named = dict(model.named_parameters())
+        self.frozen: list[tuple[Any, tuple[slice, slice], Any]] = []
+        for key, w in load_file(str(adapter / "adapter_model.safetensors")).items():
+            name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+            p = named.get(name)
+            if p is None:
+                raise StageError(f"{adapter}: adapter key {key!r} has no place in the stage's LoRA (lora params changed "
+                                 "since sft-stage1); rerun it (`dvc repro`).")
+            part = (slice(0, r), slice(None)) if ".lora_A." in name else (slice(None), slice(0, r))
+            with torch.no_grad():
+                p[part].copy_(w.to(p.dtype))
+            p.register_hook(lambda g, part=part: _zero_part(g, part))
+            self.frozen.append((p, part, p[part].detach().clone()))
+        if not self.frozen:
+            raise StageError(f"{adapter}: no LoRA weights found.")
+
+    def restore(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for p, part, value in self.frozen:
+                p[part].copy_(value)
+
+    def drift(self) -> float:
+        """Largest change of a frozen weight since stage 1 (0.0 after `restore`)."""
+        return max(float((p[part].detach() - v).abs().max()) for p, part, v in self.frozen)
+
+    def frozen_numel(self) -> int:
+        return sum(v.numel() for _, _, v in self.frozen)
+
+
+def _zero_part(g: Any, part: tuple[slice, slice]) -> Any:
+    g = g.clone()
+    g[part] = 0
+    return g
+
+
+def stage1_retention(model: Any, tok: Any, params: Params, max_len: int) -> dict[str, float]:
+    """Loss on stage 1's val split of the model stage 2 starts from, against stage 1's own start and end
+    (its adapter's lineage.json): `stage1_retained` = the share of stage 1's val improvement still there.
+
+    Fails the stage below `sft_stage2.min_stage1_retained`: the start lost stage 1 (e.g. its merged weights
+    re-quantized to 4-bit, where a delta under half an NF4 step rounds back to the base)."""
+    from kmed.lm import encode_records, masked_loss
+
+    enc = encode_records(tok, load_split("stage1", "val"), max_len)
+    if not enc:
+        log.warning("stage 1 has no val records: stage1_retained not measured")
+        return {}
+    m = {"stage1_val_loss_at_start": masked_loss(model, enc, 8, tok.pad_token_id)["loss"]}
+    lin = STAGE1_ADAPTER / "lineage.json"
+    ref = json.loads(lin.read_text()) if lin.exists() else {}
+    s, f = ref.get("val_loss_start"), ref.get("val_loss_final")
+    if s is None or f is None:
+        log.warning("%s carries no val losses (older sft-stage1): stage1_retained not judged", lin)
+        return m
+    m.update(stage1_val_loss_base=s, stage1_val_loss_final=f)
+    gain = s - f
+    if gain < MIN_STAGE1_GAIN:
+        log.warning("stage 1 improved its val loss by only %.4f nats (%.4f -> %.4f): stage1_retained not judged",
+                    gain, s, f)
+        return m
+    m["stage1_retained"] = (s - m["stage1_val_loss_at_start"]) / gain
+    need = params.sft_stage2.min_stage1_retained
+    log.info("stage 2 starts at val1 loss %.4f: stage 1 went %.4f -> %.4f, %.1f%% of its gain kept (need %.0f%%)",
+             m["stage1_val_loss_at_start"], s, f, 100 * m["stage1_retained"], 100 * need)
+    if m["stage1_retained"] < need:
+        raise StageError(
+            f"sft-stage2 starts from a model that kept {100 * m['stage1_retained']:.1f}% of stage 1's val-loss gain "
+            f"(val1 loss {m['stage1_val_loss_at_start']:.4f}; stage 1 went {s:.4f} -> {f:.4f}), under "
+            f"sft_stage2.min_stage1_retained={need:g}: with sft_stage2.init={params.sft_stage2.init} and "
+            f"model.load_in_4bit={params.model.load_in_4bit} stage 1 is lost; set sft_stage2.init: "
+            "new_adapter_on_stage1 (bench/RESULTS.md, stage 2's start)."
+        )
+    return m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,6 +477,16 @@ def make_callback(tracker: Tracker, counter: TokenCounter, patience: int, consol
     return Records()
 
 
+def restore_callback(frozen: FrozenStage1) -> Any:
+    from transformers import TrainerCallback
+
+    class RestoreFrozen(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            frozen.restore()  # after the optimizer step, before a checkpoint is saved
+
+    return RestoreFrozen()
+
+
 def steady_tps(curve: list[dict[str, Any]]) -> float | None:
     rows = [r["tokens_per_s"] for r in curve[len(curve) // 4 :] if r["tokens_per_s"] > 0]
     return sorted(rows)[len(rows) // 2] if rows else None
@@ -440,11 +570,12 @@ def main() -> None:
     if not (start / "config.json").exists():
         raise StageError(f"{start} has no model; run the earlier stages first (`dvc repro`).")
     if scfg.init == "merge_then_new_adapter" and params.model.load_in_4bit and torch.cuda.is_available():
-        # Measured at 7B (bench/RESULTS.md, session 11): stage 2's val loss started at the base's 12.55, not
+        # Measured at 7B (bench/RESULTS.md, stage 2's start): stage 2's val loss started at the base's 12.55, not
         # stage 1's 9.58, because a stage-1 delta under half an NF4 step rounds back to the base's code.
         log.warning("sft %s: %s (stage 1 merged) is loaded back in 4-bit; LoRA deltas smaller than an NF4 step "
-                    "round back to the base. sft_%s.init: continue_adapter keeps stage 1 exact (bench/RESULTS.md).",
-                    stage, start, stage)
+                    "round back to the base. sft_%s.init: new_adapter_on_stage1 keeps stage 1 exact "
+                    "(bench/RESULTS.md); stage1_retained below measures it.", stage, start, stage)
+    stacked = scfg.init == "new_adapter_on_stage1"
 
     # Seed.
     set_seed(params.train.seed)
@@ -456,15 +587,20 @@ def main() -> None:
 
     train_rows, val_rows = load_split(stage, "train"), load_split(stage, "val")
     ckdir = CKPT_ROOT / stage
-    fp = fingerprint(stage, params, [Path(f"data/processed/{stage}/{s}.jsonl") for s in ("train", "val")], start)
+    fp = fingerprint(stage, params, [Path(f"data/processed/{stage}/{s}.jsonl") for s in ("train", "val")], start,
+                     prev_adapter)
 
     # Model.
     t_load = time.time()
     try:
-        model, tok, notes = build_model(backend, start, params, bf16)
+        model, tok, notes = build_model(backend, start, params, bf16, stacked)
     except torch.cuda.OutOfMemoryError as e:
         raise StageError(f"CUDA out of memory while loading {start}: {OOM_HINT}.") from e
-    if prev_adapter is not None:
+    frozen = None
+    if stacked:
+        frozen = FrozenStage1(model, prev_adapter, params.lora.r)
+        notes["stacked_on"] = f"{prev_adapter} (ranks 0-{params.lora.r - 1} of the saved LoRA, frozen)"
+    elif prev_adapter is not None:
         load_adapter_weights(model, prev_adapter)
         notes["continued_from"] = str(prev_adapter)
     # Packing is resolved once the model is built: `auto` depends on the attention kernel Unsloth got.
@@ -473,7 +609,7 @@ def main() -> None:
     packing, padding_free = packing_mode(params.train.packing, backend == "unsloth" and unsloth_packed_kernel())
     notes["batches"] = "packed (bfd)" if packing else "padding-free" if padding_free else "padded"
     log.info("batches: %s (train.packing=%s)", notes["batches"], params.train.packing)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) - (frozen.frozen_numel() if frozen else 0)
     total = sum(p.numel() for p in model.parameters())
     log.info("trainable params: %d of %d (%.3f%%); notes: %s", trainable, total, 100 * trainable / total, notes)
     max_len = params.model.max_seq_length
@@ -481,6 +617,8 @@ def main() -> None:
     val_enc = encode_records(tok, val_rows, max_len)
     ds = Dataset.from_list(train_enc)
     val_before = masked_loss(model, val_enc, 8, tok.pad_token_id) if val_enc else None
+    # Stage 2 must start where stage 1 ended: measured before the first step, fails the stage if lost.
+    retention = stage1_retention(model, tok, params, max_len) if stage == "stage2" else {}
 
     # Train.
     from trl import SFTConfig, SFTTrainer
@@ -522,6 +660,8 @@ def main() -> None:
         trainer.token_counter = counter
         cb = make_callback(tracker, counter, t.nan_patience, t.logging_steps, curve)
         trainer.add_callback(cb)
+        if frozen is not None:
+            trainer.add_callback(restore_callback(frozen))
         if resume:
             log.info("resuming from %s", resume)
         # A kill after the last checkpoint (global_step == max_steps) but before promotion: training is
@@ -560,14 +700,21 @@ def main() -> None:
         if not trainer.is_world_process_zero():
             return  # under DDP only rank 0 evaluates, saves and records
 
+        if frozen is not None and frozen.drift() != 0.0:
+            raise StageError(f"sft-{stage}: stage 1's frozen LoRA ranks changed in training (max {frozen.drift():.3g}); "
+                             "nothing promoted.")
         # Save: adapter into a temporary sibling, renamed when whole.
         val_after = masked_loss(model, val_enc, 8, tok.pad_token_id) if val_enc else None
         out = Path(f"models/{stage}/adapter")
         with atomic_dir(out) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True)
             tok.save_pretrained(str(tmp))
-            write_json(tmp / "lineage.json", lineage(f"sft-{stage}", sec, start=str(start), notes=notes,
-                                                     fingerprint=fp, resumed_from=str(resume) if resume else None))
+            write_json(tmp / "lineage.json", lineage(
+                f"sft-{stage}", sec, start=str(start), notes=notes, fingerprint=fp,
+                resumed_from=str(resume) if resume else None,
+                # what stage 2 compares its start with (stage1_retained)
+                val_loss_start=val_before["loss"] if val_before else None,
+                val_loss_final=val_after["loss"] if val_after else None))
 
         # Metrics: flat JSON + TSV curve, mirrored to MLflow.
         steps_done = trainer.state.global_step
@@ -593,6 +740,7 @@ def main() -> None:
             "peak_mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
             "trainable_params": trainable,
             "train_rows": len(train_rows),
+            **retention,
         }
         write_json(f"metrics/sft-{stage}.json", {k: v for k, v in metrics.items() if v is not None})
         write_text_atomic(
