@@ -183,20 +183,36 @@ class DataCfg(_Frozen):
     max_loss_share: float = Field(0.2, ge=0, le=1)
     # Korean resident registration / phone numbers: mask them, fail the stage, or leave (not advised).
     pii: Literal["mask", "fail", "off"] = "mask"
-    # Non-reasoning records (instructions, translations) get an empty <think></think> so the
-    # model keeps the R1 output format; "none" drops the block for them.
-    think_for_non_reasoning: Literal["empty", "none"] = "empty"
+    # Non-reasoning records (instructions, translations) get an empty <think></think> so the model keeps the
+    # R1 output format. empty: the block is trained, as the seed renders them; masked: the block stays in the
+    # input but is part of the masked prompt (no loss), so stage 2 does not learn to leave <think> empty;
+    # none: no block at all.
+    think_for_non_reasoning: Literal["empty", "masked", "none"] = "empty"
+    # Share of stage 2's training records drawn from stage 1's *training* split (reasoning records with their
+    # CoT), so stage 2 keeps practising reasoning; 0 = none. Never from a val split: no eval item leaks.
+    stage2_replay: float = Field(0.0, ge=0, lt=1)
     max_xlsx_mb: float = Field(50, gt=0)
     stage1: StageDataCfg
     stage2: StageDataCfg
     eval: EvalDataCfg
 
 
+SftInit = Literal["base", "merge_then_new_adapter", "continue_adapter", "new_adapter_on_stage1"]
+
+
 class SftStageCfg(_Frozen):
-    # How the stage's LoRA starts: base model, the previous stage's merged weights with a fresh
-    # adapter (the seed's way), or the previous stage's adapter trained further.
-    init: Literal["base", "merge_then_new_adapter", "continue_adapter"] = "base"
+    # How the stage's LoRA starts (stages/sft.py, stage_inputs): base model; the previous stage's merged
+    # weights with a fresh adapter (the seed's way; re-quantized under load_in_4bit); the previous stage's
+    # adapter trained further; or the base with the previous stage's adapter frozen and a new one beside it.
+    init: SftInit = "base"
     max_steps: int | None = Field(None, ge=1)
+
+
+class Sft2Cfg(SftStageCfg):
+    init: SftInit = "new_adapter_on_stage1"
+    # sft-stage2 measures stage 1's val loss on the model it starts from before its first step and fails when
+    # less than this share of stage 1's val-loss gain is left (metrics/sft-stage2.json: stage1_retained).
+    min_stage1_retained: float = Field(0.9, ge=0, le=1)
 
 
 class MergeCfg(_Frozen):
@@ -278,6 +294,10 @@ class EvaluateCfg(_Frozen):
     # stop strings and answer filter), zero-shot: comparable with lm-eval's zero-shot kormedmcqa numbers.
     # Both generate up to max_new_tokens per item (slow on a CPU).
     mcq_generate: Literal["none", "r1", "kormedmcqa"] = "none"
+    # A medical generation counts as reasoning (`reasoning`, and `format_ok` on medical prompts) when its
+    # <think> block holds at least this many tokens of the model's tokenizer; an empty block is well-formed, not
+    # reasoning. Export's chat check uses the same bar.
+    min_think_tokens: int = Field(16, ge=1)
     gen_limit: int = Field(8, ge=0)
     translation_limit: int = Field(20, ge=0)
     max_new_tokens: int = Field(96, ge=1)
@@ -353,7 +373,7 @@ class Params(_Frozen):
     train: TrainCfg = TrainCfg()
     data: DataCfg
     sft_stage1: SftStageCfg = SftStageCfg()
-    sft_stage2: SftStageCfg = SftStageCfg(init="merge_then_new_adapter")
+    sft_stage2: Sft2Cfg = Sft2Cfg()
     merge: MergeCfg = MergeCfg()
     generate: GenerateCfg = GenerateCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
@@ -365,6 +385,9 @@ class Params(_Frozen):
     def _cross(self) -> Params:
         if self.sft_stage1.init != "base":
             raise ValueError("sft_stage1.init must be 'base' (there is no earlier stage)")
+        if self.sft_stage2.init == "new_adapter_on_stage1" and self.lora.loftq_config:
+            raise ValueError("sft_stage2.init new_adapter_on_stage1 starts its new LoRA at zero; loftq_config "
+                             "would initialise it from the base instead")
         if self.model.load_in_4bit and not self.merge.dequantize_4bit:
             raise ValueError(
                 "merge.dequantize_4bit=false with model.load_in_4bit=true would merge into 4-bit weights"

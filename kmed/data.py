@@ -30,7 +30,7 @@ from typing import Any
 
 from kmed.config import DataCfg, Params, SourceCfg, StageDataCfg
 from kmed.io import StageError, write_jsonl
-from kmed.prompt import Prompter, render_completion, render_prompt  # noqa: F401  (render_prompt: re-exported)
+from kmed.prompt import THINK_CLOSE, Prompter, render_completion, render_prompt  # noqa: F401  (render_prompt: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -1039,7 +1039,7 @@ class _Rec:
 def _records(row: Row, task: str, direction: str, think: str) -> list[_Rec]:
     v = row.values
     key = split_key(task, v)
-    empty_think = "" if think == "empty" else None
+    empty_think = "" if think in ("empty", "masked") else None
     if task == "reasoning":
         return [
             _Rec(
@@ -1209,6 +1209,30 @@ def _percentiles(values: list[int]) -> dict[str, int]:
         return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
     return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": s[-1]}
+
+
+def mask_empty_think(prompt: str, completion: str) -> tuple[str, str]:
+    """think_for_non_reasoning: masked. The empty `<think>` block moves from the trained completion to the end
+    of the masked prompt: the model still reads the R1 shape before the answer, but stage 2 does not learn
+    to write an empty block (the seed's rendering teaches it to skip reasoning)."""
+    end = completion.index(THINK_CLOSE) + len(THINK_CLOSE)
+    end += completion[end:].startswith("\n")
+    return prompt + completion[:end], completion[end:]
+
+
+def replay_stage1(files: dict[str, list[dict[str, Any]]], share: float, seed: int) -> int:
+    """data.stage2_replay: add stage-1 training records (reasoning, CoT kept) to stage 2's training split so
+    that they make up `share` of it; drawn by a seeded hash of the record id, from stage 1's train split
+    only (its val split and the eval sets never leak). Returns how many were added."""
+    train2 = files["stage2/train.jsonl"]
+    pool = list({r["id"]: r for r in files["stage1/train.jsonl"]}.values())  # weight > 1 repeats count once
+    want = round(share * len(train2) / (1 - share))
+    if want > len(pool):
+        log.warning("data.stage2_replay=%g asks for %d stage-1 records; stage 1's train split has %d: all are replayed",
+                    share, want, len(pool))
+    picked = sorted(pool, key=lambda r: _unit_hash(str(seed), "replay", r["id"]))[:want]
+    files["stage2/train.jsonl"] = train2 + [dict(r, replay=True) for r in picked]
+    return len(picked)
 
 
 def _as_dict(r: _Rec) -> dict[str, Any]:
@@ -1434,6 +1458,8 @@ def build_stage(
     for r in recs:
         r.prompt = prompter.prompt(r.question)
         r.completion = prompter.completion(r.prompt, r.cot, r.answer)
+        if cfg.think_for_non_reasoning == "masked" and r.task != "reasoning":
+            r.prompt, r.completion = mask_empty_think(r.prompt, r.completion)
 
     # Token lengths with the base tokenizer. An overlong record is dropped, or (truncate) kept with its
     # CoT shortened to no fewer than min_cot_tokens; the answer is never cut.
@@ -1602,6 +1628,8 @@ def build_datasets(params: Params, tokenizer: Any, root: Path) -> Built:
         by_source[name] = sd.by_source
         overlap += sd.metrics[f"{name}.dropped.eval_overlap"]
     metrics["eval.overlap_removed"] = overlap
+    metrics["stage2.replay_rows"] = replay_stage1(files, cfg.stage2_replay, cfg.seed) if cfg.stage2_replay else 0
+    metrics["stage2.train_rows"] = len(files["stage2/train.jsonl"])
     metrics["max_seq_length"] = params.model.max_seq_length
     return Built(files, metrics, samples, by_source)
 
@@ -1625,7 +1653,9 @@ def data_report(params: Params, built: Built) -> str:
         f"overlong = {cfg.overlong}, min_cot_tokens = {cfg.min_cot_tokens}, "
         f"min_cot_keep_share = {cfg.min_cot_keep_share:g}, max_cot_loss_share = {cfg.max_cot_loss_share:g}, "
         f"max_loss_share = {cfg.max_loss_share:g}, pii = {cfg.pii}, val_fraction = {cfg.val_fraction}, "
-        f"think_for_non_reasoning = {cfg.think_for_non_reasoning}. An answer is never cut: a record whose "
+        f"think_for_non_reasoning = {cfg.think_for_non_reasoning}, stage2_replay = {cfg.stage2_replay:g} "
+        f"({metrics.get('stage2.replay_rows', 0)} stage-1 training records added to stage 2's train split). "
+        "An answer is never cut: a record whose "
         "prompt and whole answer do not fit is dropped.",
         "",
     ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 LETTERS = ("A", "B", "C", "D", "E")
@@ -103,21 +103,29 @@ def kormedmcqa_choice(text: str) -> str:
     return ""
 
 
-def check_format(text: str) -> dict[str, Any]:
+def check_format(text: str, min_think_tokens: int = 0, count: Callable[[str], int] | None = None) -> dict[str, Any]:
     """R1 output format: exactly one well-formed <think>…</think> first, then a non-empty answer.
 
-    `text` is the generated continuation of a prompt that ends with "### Response:\\n"."""
+    `text` is the generated continuation of a prompt that ends with "### Response:\\n". `wellformed` is that
+    shape alone; `reasoned`: it is well-formed and its think block holds at least `min_think_tokens` tokens (by
+    `count`, the model's tokenizer; whitespace words without one). `ok` is `wellformed`, and where
+    `min_think_tokens` is set (prompts that call for reasoning) `reasoned`: an empty `<think></think>` is
+    well-formed but no reasoning."""
     t = text.lstrip()
     opens, closes = t.count("<think>"), t.count("</think>")
     m = _THINK.search(t)
     answer = t[m.end():].strip() if m else ""
-    ok = opens == 1 and closes == 1 and t.startswith("<think>") and m is not None and bool(answer)
-    return {"ok": ok, "think_chars": len(m.group(1).strip()) if m else 0, "answer": answer}
+    think = m.group(1).strip() if m else ""
+    wellformed = opens == 1 and closes == 1 and t.startswith("<think>") and m is not None and bool(answer)
+    think_tokens = (count(think) if count else len(think.split())) if think else 0
+    reasoned = wellformed and think_tokens >= max(min_think_tokens, 1)
+    return {"ok": reasoned if min_think_tokens > 0 else wellformed, "wellformed": wellformed, "reasoned": reasoned,
+            "think_chars": len(think), "think_tokens": think_tokens, "answer": answer}
 
 
 def regression_keys() -> tuple[str, ...]:
     """Metrics of the base → stage 1 → stage 2 regression table, in display order."""
-    return ("val1_loss", "val2_loss", "mcq_acc", "format_ok", "repetition", "think_chars", "eos_stop",
+    return ("val1_loss", "val2_loss", "mcq_acc", "format_ok", "reasoning", "repetition", "think_tokens", "eos_stop",
             "chrf_ko2en", "chrf_en2ko", "bleu_ko2en", "bleu_en2ko", "seconds")
 
 

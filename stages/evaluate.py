@@ -145,6 +145,10 @@ def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dic
     log.info("%s: generation engine %s (kmed.lm), evaluate.batch_size %s", name, generation_engine(model),
              ec.batch_size)
     prompter = Prompter(params.data.prompt_format, system, tok)
+
+    def count_tokens(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
     with autocast_context(model):
         # Loss and perplexity on each stage's val split.
         for i, stage in ((1, "stage1"), (2, "stage2")):
@@ -155,7 +159,6 @@ def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dic
 
         # MCQ accuracy by the log-likelihood of the option letters, with its 95 % Wilson interval.
         items = sets["mcq"]
-        prompter = Prompter(params.data.prompt_format, system, tok)
         scores = mcq_scores(model, tok, prompter, items, bs)
         hits = round(mcq_accuracy(scores, [it["answer"] for it in items]) * len(items))
         m["mcq_acc"] = hits / max(len(items), 1)
@@ -166,7 +169,10 @@ def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dic
                 prompts = [prompter.prompt(mcq_question_text(it)) for it in items]
                 outs = greedy_generate(model, tok, prompts, ec.max_new_tokens, gen_batch(model, tok, prompts, ec),
                                        desc="mcq generate")
-                picks = [extract_letter(prompter.as_generated(p, o["text"])) for p, o in zip(prompts, outs, strict=True)]
+                whole = [prompter.as_generated(p, o["text"]) for p, o in zip(prompts, outs, strict=True)]
+                picks = [extract_letter(t) for t in whole]
+                m["mcq_gen_reasoning"] = sum(check_format(t, ec.min_think_tokens, count_tokens)["reasoned"]
+                                             for t in whole) / max(len(items), 1)
             else:  # kormedmcqa: lm-eval's task, zero-shot (its 5-shot split is not shipped here)
                 kp = [kormedmcqa_prompt(it) for it in items]
                 outs = greedy_generate(model, tok, kp, ec.max_new_tokens, gen_batch(model, tok, kp, ec),
@@ -187,13 +193,17 @@ def evaluate_model(name: str, params: Params, sets: dict[str, Any]) -> tuple[dic
         prompts = [prompter.prompt(q) for q in qs]
         outs = generations(model, tok, prompts, ec, sets["decoding"], "medical generate")
         texts = [[prompter.as_generated(p, o["text"]) for o in row] for p, row in zip(prompts, outs, strict=True)]
-        fmts = [[check_format(t) for t in row] for row in texts]
+        # Medical prompts call for reasoning: format_ok needs a think block of evaluate.min_think_tokens tokens.
+        fmts = [[check_format(t, ec.min_think_tokens, count_tokens) for t in row] for row in texts]
         reps = [[is_repetitive(t) for t in row] for row in texts]
         if fmts:
-            for key, vals in (("format_ok", [[f["ok"] for f in row] for row in fmts]), ("repetition", reps),
-                              ("eos_stop", [[o["stopped"] for o in row] for row in outs])):
+            for key, vals in (("format_ok", [[f["ok"] for f in row] for row in fmts]),
+                              ("reasoning", [[f["reasoned"] for f in row] for row in fmts]),
+                              ("format_wellformed", [[f["wellformed"] for f in row] for row in fmts]),
+                              ("repetition", reps), ("eos_stop", [[o["stopped"] for o in row] for row in outs])):
                 m[key], m[f"{key}_lo"], m[f"{key}_hi"] = sample_mean(vals, ec.seed)
             m["think_chars"] = sample_mean([[f["think_chars"] for f in row] for row in fmts], ec.seed)[0]
+            m["think_tokens"] = sample_mean([[f["think_tokens"] for f in row] for row in fmts], ec.seed)[0]
             m["format_n"] = len(fmts)
         gens += [{"model": name, "kind": "medical", "prompt": q, "sample": j, "output": t, "format_ok": f["ok"],
                   "repetitive": r, "stopped": o["stopped"]}
@@ -231,7 +241,7 @@ def _cell(mm: dict[str, float], k: str) -> str:
 
 
 def regression_table(per_model: dict[str, dict[str, float]], mcq: list[dict[str, Any]], mcq_total: int,
-                     dec: dict[str, float]) -> str:
+                     dec: dict[str, float], min_think: int) -> str:
     names = list(per_model)
     lines = ["# Evaluation: base → stage 1 → stage 2", "",
              "| metric | " + " | ".join(names) + " | Δ stage2 vs stage1 |", "|---" * (len(names) + 2) + "|"]
@@ -254,9 +264,11 @@ def regression_table(per_model: dict[str, dict[str, float]], mcq: list[dict[str,
     lines += ["", how, "",
               "Lower is better for *_loss and repetition; higher for the rest. Brackets: 95 % intervals — Wilson for "
               "MCQ accuracy, a bootstrap over prompts (1,000 resamples, each prompt with its samples) for the "
-              "generation metrics; two models whose intervals overlap are not shown to differ. `format_ok`: share of "
-              "generations with exactly one well-formed `<think>…</think>` followed by a non-empty answer; "
-              "`repetition`: share whose output repeats a line or a 4-gram more than 3 times.", "",
+              "generation metrics; two models whose intervals overlap are not shown to differ. `reasoning`: share of "
+              f"the medical generations whose `<think>` block holds at least {min_think} tokens (evaluate.min_think_tokens); "
+              "`format_ok`: share with exactly one well-formed `<think>…</think>` followed by a non-empty answer *and* "
+              "that much reasoning (an empty `<think></think>` is no pass on a medical prompt); `think_tokens`: mean "
+              "tokens inside `<think>`; `repetition`: share whose output repeats a line or a 4-gram more than 3 times.", "",
               f"MCQ items: {len(mcq)} of {mcq_total} (seeded sample stratified by subject/file: {strata}). "
               f"Held-out medical prompts generated per model: {n_fmt}.", "",
               "<details><summary>MCQ item ids used</summary>", "", " ".join(it["id"] for it in mcq), "", "</details>", ""]
@@ -313,7 +325,8 @@ def main() -> None:
     header = "model," + ",".join(TABLE_KEYS) + "\n"
     rows = "".join(n + "," + ",".join(f"{per_model[n].get(k, '')}" for k in TABLE_KEYS) + "\n" for n in per_model)
     write_text_atomic("metrics/eval-plot.csv", header + rows)
-    write_text_atomic("reports/eval.md", regression_table(per_model, sets["mcq"], len(all_mcq), decoding_metrics(ec, dec)))
+    write_text_atomic("reports/eval.md", regression_table(per_model, sets["mcq"], len(all_mcq), decoding_metrics(ec, dec),
+                                                          ec.min_think_tokens))
     write_jsonl("reports/generations.jsonl", generations)
     with Tracker(params.mlflow, "evaluate", resolved_dict(params)) as tr:
         tr.log_metrics(flat_m)

@@ -87,6 +87,7 @@ def model_card(params: Params, metrics: dict[str, Any], files: dict[str, dict[st
         lines.append(f"| {s.name} | {s.kind} | `{loc}` | {rows} |")
     lines += ["", "Hashes (dvc.lock, preprocess deps):", ""]
     lines += [f"- `{d['path']}`: md5 `{d.get('md5', '')}`" for d in data_deps] or ["- (no dvc.lock yet)"]
+    lines += shipped_model_section(stage_metrics.get("eval", {}), params)
     lines += ["", "## Training parameters", "", "| key | value |", "|---|---|"]
     for k, v in flat({"lora": resolved_dict(params.lora), "train": resolved_dict(params.train)}).items():
         lines.append(f"| {k} | {v} |")
@@ -114,6 +115,43 @@ def model_card(params: Params, metrics: dict[str, Any], files: dict[str, dict[st
               "the GGUF metadata (`general.sampling.*`) and the Ollama Modelfile. Like DeepSeek-R1's distilled "
               "models, greedy decoding tends to loop.", ""]
     return "\n".join(lines)
+
+
+def shipped_model_section(ev: dict[str, Any], params: Params) -> list[str]:
+    """What the exported model (stage 2) measurably does, from evaluate's metrics, and how to open it safely."""
+    def cell(k: str, fmt: str = ".2f") -> str:
+        v, lo, hi = ev.get(f"stage2.{k}"), ev.get(f"stage2.{k}_lo"), ev.get(f"stage2.{k}_hi")
+        if v is None:
+            return "not measured"
+        return f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if lo is not None and hi is not None else f"{v:{fmt}}"
+
+    k = int(ev.get("decoding.samples", 1))
+    lines = ["", "## What this model does (stage 2, as exported)", "",
+             f"Measured by the evaluate stage on held-out prompts ({k} sampled generations per prompt under the "
+             "decoding defaults below; 95 % bootstrap intervals):", "",
+             "| metric | stage 2 |", "|---|---|",
+             f"| reasoning: share of medical answers with a `<think>` block of at least "
+             f"{params.evaluate.min_think_tokens} tokens | {cell('reasoning')} |",
+             f"| format_ok: one `<think>…</think>` with that reasoning, then an answer | {cell('format_ok')} |",
+             f"| mean tokens inside `<think>` | {cell('think_tokens', '.1f')} |",
+             f"| chrF Ko→En | {cell('chrf_ko2en', '.1f')} |",
+             f"| chrF En→Ko | {cell('chrf_en2ko', '.1f')} |",
+             f"| MCQ accuracy (log-likelihood) | {cell('mcq_acc')} |", ""]
+    if ev.get("stage2.reasoning") is not None and ev["stage2.reasoning"] < 0.5:
+        lines += ["**It mostly does not reason:** most medical answers have an empty or near-empty `<think>` block.", ""]
+    lines += ["### Opening the GGUF with llama.cpp on Intel CPUs with AMX", "",
+              "On Intel CPUs with AMX (Sapphire Rapids and later) a natively built llama.cpp repacks quantized weights "
+              "into AMX buffers and crashes (SIGSEGV, exit 139) in its first batched decode of a q4_k_m/q8_0 GGUF "
+              "(ggml-org/llama.cpp#20824). Turn the repacking off: `llama-cli`/`llama-server --no-repack`; in "
+              "llama-cpp-python, load with the model parameter `use_extra_bufts = False` (this repository's "
+              "`kmed.ggufio.open_gguf` and `make serve` do):", "",
+              "```python", "import llama_cpp, llama_cpp.llama as L",
+              "default = L.llama_cpp.llama_model_default_params",
+              "def no_repack():", "    p = default()", "    p.use_extra_bufts = False", "    return p",
+              "L.llama_cpp.llama_model_default_params = no_repack",
+              'llm = llama_cpp.Llama(model_path="model-q4_k_m.gguf", n_ctx=4096)',
+              "L.llama_cpp.llama_model_default_params = default", "```", ""]
+    return lines
 
 
 def modelfile(gguf_name: str, system: str, eos: str, dec: dict[str, Any], prompt_format: str) -> str:
@@ -169,6 +207,11 @@ def main() -> None:
     check_chat_template(tok.chat_template or "")
     prompter = Prompter(params.data.prompt_format, params.data.system_prompt, tok)
     dec = decoding(params.generate, SRC)
+    min_think = params.evaluate.min_think_tokens
+
+    def count_tokens(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
     log.info("decoding defaults (from %s/generation_config.json and params generate): %s", SRC, dec)
 
     # Reference: the merged HF model's greedy continuations and perplexity (on the GPU when there is
@@ -215,7 +258,9 @@ def main() -> None:
         r = isolated(gguf_checks, path, n_gpu, threads, pids, ref, texts, ec.parity_tokens, chat_q, dec, CHAT_SAMPLES)
         agree, prefix, ppl, finish = r["agree"], r["prefix"], r["ppl"], r["finish"][0]
         delta = ppl / base_ppl - 1 if base_ppl else 0.0
-        chat_ok = [f == "stop" and check_format(prompter.as_generated(chat_prompt, t))["ok"]
+        # A medical question: the answer must reason (evaluate.min_think_tokens inside <think>), not only be
+        # well-formed; an empty <think></think> fails the check.
+        chat_ok = [f == "stop" and check_format(prompter.as_generated(chat_prompt, t), min_think, count_tokens)["ok"]
                    for f, t in zip(r["finish"], r["chat_text"], strict=True)]
         fed_ok = all(fed == chat_want for fed in r["chat_prompt_ids"])
         metrics.update({f"{q}.token_agreement": agree, f"{q}.greedy_prefix": prefix, f"{q}.ppl": ppl, f"{q}.ppl_delta_vs_f16": delta,
@@ -236,7 +281,8 @@ def main() -> None:
             raise StageError(f"{path.name}: a chat completion did not end at EOS (finish_reason {finish!r}).")
         if sum(chat_ok) / len(chat_ok) < ec.min_chat_format_ok:
             raise StageError(f"{path.name}: {sum(chat_ok)} of {len(chat_ok)} seeded chat completions were one "
-                             f"<think>…</think> block and an answer ending at EOS, below export.min_chat_format_ok="
+                             f"<think>…</think> block of at least {min_think} tokens (evaluate.min_think_tokens) and "
+                             "an answer ending at EOS, below export.min_chat_format_ok="
                              f"{ec.min_chat_format_ok} (first: {r['chat_text'][0][:60]!r}).")
         return ppl
 
