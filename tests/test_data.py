@@ -894,6 +894,32 @@ def test_pii_masking(tmp_path: Path, smol_tokenizer: Any) -> None:
     )
 
 
+# Foreign residents' RRNs: gender digit 5/6 born in the 1900s, 7/8 in the 2000s (YYMMDD-GNNNNNN).
+FOREIGN_RRNS = ("850315-5123456", "920704-6234567", "050101-7345678", "120229-8456789")
+
+
+def test_foreign_residents_rrns_are_masked_with_and_without_the_hyphen(tmp_path: Path, smol_tokenizer: Any) -> None:
+    """Gender digits 5-8 are masked like 1-4, hyphenated and as 13 digits in a row, in the text and through
+    preprocess's build (data and counts)."""
+    for rrn in FOREIGN_RRNS:
+        for form in (rrn, rrn.replace("-", "")):
+            text = f"외국인 등록번호 {form} 확인"
+            masked, counts = D.mask_pii(text)
+            assert counts == {"rrn": 1}, form
+            assert masked == text.replace(form, "".join("*" if c.isdigit() else c for c in form)), form
+            assert D.find_pii(text) == "rrn", form
+
+    hyphen, bare = FOREIGN_RRNS[0], FOREIGN_RRNS[3].replace("-", "")
+    wjsonl(tmp_path / "s2.jsonl", [{"instruction": f"등록번호 {hyphen} 의 환자", "input": "",
+                                    "output": f"외국인 {bare} 로 접수"}])
+    p = make_params(tmp_path, stage2=[src("s2", "jsonl", "s2.jsonl", "instruction", I_FIELDS)], val_fraction=0.01)
+    b = D.build_datasets(p, smol_tokenizer, tmp_path)
+    (rec,) = b.files["stage2/train.jsonl"] + b.files["stage2/val.jsonl"]
+    assert "등록번호 ******-******* 의" in rec["prompt"] and "외국인 ************* 로" in rec["completion"]
+    assert hyphen not in json.dumps(b.files, ensure_ascii=False) and bare not in json.dumps(b.files, ensure_ascii=False)
+    assert (b.metrics["stage2.pii_masked"], b.metrics["stage2.pii.rrn"]) == (2, 2)
+
+
 def test_pii_fail_names_file_row_column(tmp_path: Path, smol_tokenizer: Any) -> None:
     wxlsx(
         tmp_path / "t.xlsx",

@@ -34,6 +34,10 @@ ENV_CANARY = {
     "HF_TOKEN": "hf_CANARYkmedTracking0a1b2c3d4e5f6a7b8c9d",
     "AWS_SECRET_ACCESS_KEY": "CANARYkmedTrackingAws/7e6d5c4b3a2910zyxwv",
     "MLFLOW_TRACKING_PASSWORD": "canary-kmed-tracking-pw",  # no token shape: found by its variable only
+    # *_KEY, *_API_KEY and *_KEY_ID names, values without a token shape: found by the variable's name only.
+    "OPENAI_API_KEY": "canary-kmed-openai-api-key",
+    "HF_KEY": "canary-kmed-hf-key",
+    "KMED_SERVICE_KEY_ID": "canary-kmed-service-key-id",
 }
 PASTED = "hf_PASTEDkmedTracking9f8e7d6c5b4a3f2e1d0c"
 CANARIES = (*ENV_CANARY.values(), PASTED)
@@ -93,6 +97,8 @@ def test_a_run_of_the_embedded_default_records_every_params_key_and_no_secret(
         "export.hub_repo_adapter": f"someone/adapter-{ENV_CANARY['HF_TOKEN']}",  # an env credential in a value
         "export.hub_repo_gguf": f"someone/{PASTED}",  # a token pasted where a repo id goes
         "data.system_prompt": f"Answer. {ENV_CANARY['AWS_SECRET_ACCESS_KEY']}",
+        "export.hub_repo_merged": f"{ENV_CANARY['OPENAI_API_KEY']}/{ENV_CANARY['HF_KEY']}",
+        "mlflow.experiment": f"kmed-{ENV_CANARY['KMED_SERVICE_KEY_ID']}",
     }))
     resolved = resolved_dict(params)
     (tmp_path / "metrics.json").write_text('{"loss": 0.5}\n')
@@ -115,6 +121,8 @@ def test_a_run_of_the_embedded_default_records_every_params_key_and_no_secret(
     assert run.data.params["export.hub_repo_adapter"] == "someone/adapter-[redacted $HF_TOKEN]"
     assert run.data.params["export.hub_repo_gguf"] == "someone/[redacted token]"
     assert run.data.params["data.system_prompt"] == "Answer. [redacted $AWS_SECRET_ACCESS_KEY]"
+    assert run.data.params["export.hub_repo_merged"] == "[redacted $OPENAI_API_KEY]/[redacted $HF_KEY]"
+    assert run.data.params["mlflow.experiment"] == "kmed-[redacted $KMED_SERVICE_KEY_ID]"
     assert run.data.tags["dvc_exp"] == "exp-[redacted $HF_TOKEN]" and run.data.metrics["q8_0.token_agreement"] == 1.0
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["metrics.json"]
 

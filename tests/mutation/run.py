@@ -131,6 +131,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     m("torch-save-enospc-not-recognised", "disk full in the shared writers", "kmed/io.py",
       '        if where is not None and "inline_container" in str(e):', "        if False:",
       DISK + "test_disk_full_in_atomic_writers_is_one_sentence_naming_the_path"),
+    m("export-token-agreement-not-gated", "a GGUF whose greedy token agreement is under", "stages/export.py",
+      "        if min_agree is not None and agree < min_agree:", "        if False:",
+      KILLED + "test_export_under_its_token_agreement_threshold_fails_and_keeps_the_previous_export"),
     # ---- bad inputs ---------------------------------------------------------------------------------
     Mutation("empty-file-read-as-no-rows", "empty file, wrong columns", "kmed/data.py",
              (("    if not data.strip():\n", "    if False:\n"), ("    if not seen:\n", "    if False:\n")),
@@ -195,6 +198,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     m("share-rounded-twice", "the same share in the error and the report", "kmed/data.py",
       '    return f"{n / d if d else 0.0:.1%}"', '    return f"{round(n / d, 4) if d else 0.0:.1%}"',
       "tests/test_data.py::test_report_and_error_round_a_share_the_same"),
+    m("rrn-foreign-residents-unmasked", "a foreign resident's RRN", "kmed/data.py",
+      "-?[1-8]\\d{6}(?!\\d)", "-?[1-4]\\d{6}(?!\\d)",
+      "tests/test_data.py::test_foreign_residents_rrns_are_masked_with_and_without_the_hyphen"),
     # ---- security -----------------------------------------------------------------------------------
     m("checkpoint-pickles-unpickled", "marker-writing pickles planted", "stages/sft.py",
       'torch.load(ck / name, map_location="cpu", weights_only=True, mmap=True)',
@@ -243,6 +249,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     m("template-may-drop-the-message", "chat templates: non-template content", "kmed/ggufio.py",
       '    if "안녕하세요" not in out:', "    if False:",
       SEC + "test_chat_template_with_non_template_content_is_refused"),
+    m("key-env-names-not-secret", "secrets in `*_KEY`, `*_API_KEY` and `*_KEY_ID` variables", "kmed/tracking.py",
+      "|PASSPHRASE|(?:^|_)KEY(?:_ID)?$\"", "|PASSPHRASE\"",
+      "tests/test_tracking.py::test_secrets_are_found_by_value_not_by_key_name",
+      "tests/test_tracking.py::test_a_run_of_the_embedded_default_records_every_params_key_and_no_secret"),
+    m("merged-template-not-written", "chat templates: the merged model's", "stages/merge.py",
+      "    tok.chat_template = template\n", "",
+      "tests/test_merge_template.py::test_merged_tokenizer_carries_the_training_prompt_template"),
 )
 
 

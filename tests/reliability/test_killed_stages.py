@@ -242,6 +242,31 @@ def test_export_killed_mid_write_leaves_no_export(tmp_path: Path, tiny_llama_dir
     assert yaml.safe_load((wd / "params.yaml").read_text())["export"]["quantizations"] == ["q8_0"]
 
 
+def test_export_under_its_token_agreement_threshold_fails_and_keeps_the_previous_export(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """A GGUF whose greedy token agreement with the merged model is under `export.min_token_agreement`
+    fails the stage with one sentence (exit 2); the previous export and its metrics stay byte-identical.
+    The tiny Llama agrees 1.000, so a threshold of 1.01 puts q8_0 under it."""
+    wd = export_workdir(tmp_path / "wd", tiny_llama_dir)
+    kit.stage(wd, "stages.export")
+    out, metrics = wd / "models/export", wd / "metrics/export.json"
+    assert json.loads(metrics.read_text())["q8_0.token_agreement"] == 1.0
+    before = kit.digest(out, metrics)
+
+    raw = yaml.safe_load((wd / "params.yaml").read_text())
+    raw["export"]["min_token_agreement"]["q8_0"] = 1.01
+    (wd / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
+    proc = kit.stage(wd, "stages.export", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert kit.error_lines(proc.stderr) == [
+        "model-q8_0.gguf: greedy token agreement 1.000 is below export.min_token_agreement.q8_0=1.01."
+    ]
+    assert "Traceback" not in proc.stderr
+    assert kit.digest(out, metrics) == before
+    assert not kit.siblings(out) and not kit.siblings(out, "old")
+
+
 def test_llama_cpp_never_runs_in_the_export_process(tmp_path: Path, tiny_llama_dir: Path) -> None:
     """On the H200, llama.cpp's CUDA backend died with SIGSEGV when it opened a GGUF in a process where torch
     had used CUDA. Here importing llama.cpp in export's own process crashes it the same way (SIGSEGV): the

@@ -287,10 +287,15 @@ CANARY = {
     "HF_TOKEN": "hf_CANARYkmedReliability8c1f0a2b3c4d5e6f",
     "AWS_ACCESS_KEY_ID": "AKIACANARYKMED0000000",
     "AWS_SECRET_ACCESS_KEY": "CANARYkmedAwsSecret/9f8e7d6c5b4a3210zyxw",
+    # *_KEY / *_API_KEY / *_KEY_ID names whose values have no token shape: known by the variable's name only.
+    "HF_KEY": "canary-kmed-reliability-hf-key",
+    "KMED_SERVICE_KEY_ID": "canary-kmed-reliability-key-id",
+    "OPENAI_API_KEY": "canary-kmed-reliability-openai-api-key",
 }
-SECRETS = (CANARY["HF_TOKEN"], CANARY["AWS_SECRET_ACCESS_KEY"])
+SECRETS = (CANARY["HF_TOKEN"], CANARY["AWS_SECRET_ACCESS_KEY"], CANARY["HF_KEY"], CANARY["KMED_SERVICE_KEY_ID"])
 # A token pasted into params.yaml (no variable holds it): it is in params.yaml and dvc.lock by the user's
-# hand, but MLflow records the key with the value redacted by its shape.
+# hand, but MLflow records the key with the value redacted by its shape. The same for the OPENAI_API_KEY
+# canary, pasted into another param: redacted because the environment holds it under a *_API_KEY name.
 PASTED = "hf_PASTEDkmedReliability0f1e2d3c4b5a69788796"
 
 
@@ -331,6 +336,7 @@ def test_tokens_never_reach_mlflow_lock_params_logs_card_checkpoints_or_git(
             "generate.do_sample": False,  # and greedy, it stops at EOS (the chat check below)
             "mlflow.enabled": True,
             "export.hub_repo_adapter": f"someone/{PASTED}",
+            "export.hub_repo_merged": f"someone/{CANARY['OPENAI_API_KEY']}",
         }
     )
     env = {**CANARY, "KMED_MLFLOW": "1"}
@@ -360,11 +366,12 @@ def test_tokens_never_reach_mlflow_lock_params_logs_card_checkpoints_or_git(
             params = dict(db.execute("select key, value from params where run_uuid = ?", (run,)).fetchall())
             assert set(params) == keys, (name, keys ^ set(params))
             assert params["export.hub_repo_adapter"] == "someone/[redacted token]"
+            assert params["export.hub_repo_merged"] == "someone/[redacted $OPENAI_API_KEY]"
     assert "CONTROL-9d1e" in _scan(p / ".git", ("CONTROL-9d1e",))
 
     hits = _scan(p, SECRETS)
     assert not hits, hits
-    assert not _scan(p / "mlruns", (PASTED,))  # the store and its artifacts
+    assert not _scan(p / "mlruns", (PASTED, CANARY["OPENAI_API_KEY"]))  # the store and its artifacts
     for proc in logs:
         for s in SECRETS:
             assert s not in proc.stdout and s not in proc.stderr
