@@ -5,6 +5,10 @@ The model is a tiny Llama trained here until it writes the R1 format for the rep
 merge writes a model (chat template from kmed/prompt.py, decoding defaults in generation_config.json), converted
 by llama.cpp's converter: what a user gets from `make repro`, in seconds. The embedded default's own answers
 through the same server are in bench/RESULTS.md.
+
+Issue 37 (a server a team shares): the API key beyond loopback, the default bind address, 400s in OpenAI's
+error shape with nothing internal, a generic 500, the decoding defaults through the real server (issue 38).
+Load and the queue bound: tests/test_serve_soak.py.
 """
 
 from __future__ import annotations
