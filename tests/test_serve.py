@@ -418,3 +418,22 @@ def test_a_request_without_sampling_fields_gets_the_decoding_defaults(keyed) -> 
         model="kmed-r1", messages=USER, seed=11, temperature=SHARED_DEC["temperature"], top_p=SHARED_DEC["top_p"],
         max_tokens=SHARED_DEC["max_new_tokens"], extra_body={"top_k": SHARED_DEC["top_k"], "min_p": 0.0})
     assert spelled.choices[0].message.content == plain.choices[0].message.content
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_build_every_layer_that_fits_is_offloaded(tmp_path_factory, smol_tokenizer) -> None:  # noqa: ANN001
+    import llama_cpp
+    from openai import OpenAI
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("llama.cpp has no GPU backend here (a CPU build); run on the GPU machine")
+    gguf, _ = tiny_r1_export(tmp_path_factory, smol_tokenizer)
+    log = tmp_path_factory.mktemp("serve-gpu") / "serve.log"
+    proc, url = start_server(gguf, log)  # no --n-gpu-layers: the default
+    try:
+        assert "n_gpu_layers=-1 (llama.cpp has a GPU backend; every layer fits)" in log.read_text()
+        r = OpenAI(base_url=url, api_key="-", max_retries=0, timeout=60).chat.completions.create(
+            model="kmed-r1", messages=USER)
+        assert r.choices[0].finish_reason == "stop" and check_format(r.choices[0].message.content)["ok"]
+    finally:
+        stop_process(proc)
