@@ -28,9 +28,10 @@ test: setup
 test-fast: setup
 	python -m pytest -m "not gpu and not integration and not reliability" -q
 
-# An OpenAI-compatible server on the exported q4_k_m GGUF, http://127.0.0.1:8000/v1 (kmed/serve.py).
+# An OpenAI-compatible server on the exported q4_k_m GGUF, http://127.0.0.1:8000/v1 (kmed/serve.py); its
+# flags through SERVE_ARGS, e.g. make serve SERVE_ARGS="--host 0.0.0.0 --max-queue 16" (needs KMED_SERVE_API_KEY).
 serve: setup
-	python -m kmed.serve
+	python -m kmed.serve $(SERVE_ARGS)
 
 lint: setup
 	ruff check kmed stages tests bench

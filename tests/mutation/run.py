@@ -53,6 +53,8 @@ DISK = "tests/reliability/test_resume_and_disk_full.py::"
 BAD = "tests/reliability/test_bad_inputs.py::"
 BAD_INPUT = BAD + "test_bad_input_fails_with_one_sentence_and_loses_nothing"
 SEC = "tests/reliability/test_security.py::"
+SERVE = "tests/test_serve.py::"
+SERVE_SOAK = "tests/test_serve_soak.py::"
 NULL = '__import__("contextlib").nullcontext'  # a `with` that writes in place instead of atomic_dir's temp
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -256,6 +258,33 @@ MUTATIONS: tuple[Mutation, ...] = (
     m("merged-template-not-written", "chat templates: the merged model's", "stages/merge.py",
       "    tok.chat_template = template\n", "",
       "tests/test_merge_template.py::test_merged_tokenizer_carries_the_training_prompt_template"),
+    # ---- make serve (kmed/serve.py, issues 37 and 38) -------------------------------------------------
+    m("serve-key-not-checked", "a request to `make serve` without the API key", "kmed/serve.py",
+      '        if self.key is not None and not authorized(scope.get("headers", []), self.key):', "        if False:",
+      SERVE + "test_with_a_key_a_request_without_it_is_401"),
+    m("serve-no-key-beyond-loopback", "`make serve` bound beyond loopback without a key", "kmed/serve.py",
+      "    if key is None and not is_loopback(host):", "    if False:",
+      SERVE + "test_a_non_loopback_bind_without_a_key_refuses_to_start"),
+    m("serve-default-bind-all-interfaces", "`make serve` with no `--host`", "kmed/serve.py",
+      'ap.add_argument("--host", default="127.0.0.1",', 'ap.add_argument("--host", default="0.0.0.0",',
+      SERVE + "test_default_bind_address_is_loopback"),
+    m("serve-requests-unchecked", "a malformed request to `make serve`", "kmed/serve.py",
+      "                check_request(path, body, self.later_system)", "                pass",
+      SERVE + "test_bad_requests_get_a_400_in_openai_shape_with_nothing_internal"),
+    m("serve-5xx-text-passed-on", "a failure inside `make serve`'s app", "kmed/serve.py",
+      "        if status >= 500:\n            # llama-cpp-python", "        if False:\n            # llama-cpp-python",
+      SERVE + "test_a_failure_inside_the_app_answers_a_generic_500"),
+    m("serve-app-exception-unanswered", "a failure inside `make serve`'s app", "kmed/serve.py",
+      '            log.exception("500 %s: unhandled error in the app", where)',
+      '            raise',
+      SERVE + "test_the_gate_answers_an_exception_in_the_app_with_a_generic_500"),
+    m("serve-queue-unbounded", "more requests than `make serve` lets wait", "kmed/serve.py",
+      "        if self.inside > self.max_queue:", "        if False:",
+      SERVE_SOAK + "test_a_request_beyond_the_queue_gets_503_with_retry_after_at_once"),
+    m("serve-decoding-defaults-dropped", "a request to `make serve` without sampling fields", "kmed/serve.py",
+      "    return Gate(DecodingDefaults(app, request_defaults(dec)), key, max_queue, later_system)",
+      "    return Gate(app, key, max_queue, later_system)",
+      SERVE + "test_a_request_without_sampling_fields_gets_the_decoding_defaults"),
 )
 
 
