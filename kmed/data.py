@@ -426,7 +426,9 @@ def _header_columns(
     return cols
 
 
-def _header_hint(rows: Iterable[Sequence[Any]], first: int, wanted: dict[str, str | int], src_name: str) -> str:
+def _header_hint(
+    rows: Iterable[Sequence[Any]], first: int, wanted: dict[str, str | int], src_name: str
+) -> str:
     """'; row N holds them: set header_row: N ...' when one of the next rows holds every mapped name."""
     names = {c for c in wanted.values() if isinstance(c, str)}
     for r, values in enumerate(rows, first):
@@ -519,7 +521,9 @@ def _json_document(
             if kind == "json":
                 log.info("%s: JSON Lines (one object per line), read line by line", label)
             return None
-        raise StageError(f"{label} line {e.lineno}: malformed JSON ({_json_msg(e)} column {e.colno}).") from None
+        raise StageError(
+            f"{label} line {e.lineno}: malformed JSON ({_json_msg(e)} column {e.colno})."
+        ) from None
     if kind == "jsonl":
         log.info("%s: a JSON %s, not JSON Lines; read as kind json", label, _json_type(doc))
     return doc
@@ -648,7 +652,11 @@ def _iter_csv(
         )
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         why = str(e).strip().splitlines()[0].rstrip(".")
-        title = "; if the column names are not on the first line, set header_row on the source" if not skip else ""
+        title = (
+            "; if the column names are not on the first line, set header_row on the source"
+            if not skip
+            else ""
+        )
         raise StageError(f"{label}: malformed CSV ({why}){title}.") from None
     header = [_norm_header(h) for h in df.iloc[0].tolist()]
     try:
@@ -884,11 +892,7 @@ def source_fields(src: SourceCfg) -> FieldMap:
             f"source {src.name!r}: fields names {_q(unknown)}, not in the {src.task} schema ({', '.join(schema)})."
         )
     return FieldMap(
-        {
-            f: _column_key(src.fields.get(f, f))
-            for f in schema
-            if f not in MAPPED_ONLY or f in src.fields
-        },
+        {f: _column_key(src.fields.get(f, f)) for f in schema if f not in MAPPED_ONLY or f in src.fields},
         defaulted=[f for f in schema if f not in src.fields and f not in MAPPED_ONLY],
     )
 
@@ -933,7 +937,9 @@ def _kind_of(v: Any) -> str:
     if isinstance(v, dict):
         return "object"
     if hasattr(v, "isoformat"):
-        return "date" if type(v).__name__ == "date" else "date/time" if hasattr(v, "hour") else type(v).__name__
+        return (
+            "date" if type(v).__name__ == "date" else "date/time" if hasattr(v, "hour") else type(v).__name__
+        )
     if hasattr(v, "item"):  # numpy scalars
         return _kind_of(v.item())
     return type(v).__name__
@@ -975,10 +981,16 @@ def read_source(
         odd: list[str] = []  # places of non-text values in this row
         for f, col in wanted.items():
             v = raw.get(col)
-            t = _cell_text(v) if f in number_ok else (v if isinstance(v, str) else "" if _is_text(v) else None)
+            t = (
+                _cell_text(v)
+                if f in number_ok
+                else (v if isinstance(v, str) else "" if _is_text(v) else None)
+            )
             if t is None:
                 where = f" (cell {raw.cell(col)})" if raw.cell else ""
-                odd.append(f"{raw.where} {raw.unit} {raw.n}{where} column {col!r} holds a {_kind_of(v)} ({v!r:.40})")
+                odd.append(
+                    f"{raw.where} {raw.unit} {raw.n}{where} column {col!r} holds a {_kind_of(v)} ({v!r:.40})"
+                )
                 t = ""
             texts[f] = t
         values = {f: normalize_text(t) if t else "" for f, t in texts.items()}
@@ -1211,7 +1223,9 @@ def build_eval(cfg: DataCfg, root: Path) -> EvalSets:
     return EvalSets(mcq, koen, keys, metrics)
 
 
-def _eval_skipped(metrics: dict[str, Any], src: SourceCfg, n_rows: int, sk: Skipped, cfg: DataCfg) -> list[str]:
+def _eval_skipped(
+    metrics: dict[str, Any], src: SourceCfg, n_rows: int, sk: Skipped, cfg: DataCfg
+) -> list[str]:
     """Record an eval source's rows in, blank and lost in `metrics`; the loss contract's sentence (without
     its period) when more than data.max_loss_share of its non-blank rows were lost."""
     lost = sk.incomplete + sk.non_text
@@ -1232,7 +1246,8 @@ def _eval_skipped(metrics: dict[str, Any], src: SourceCfg, n_rows: int, sk: Skip
     )
     msg = f"data.eval source {src.name!r}: {lost} of {_count(offered, 'row')} ({percent(lost, offered)}) left out: {why}"
     if lost / offered > cfg.max_loss_share:
-        return [f"{msg}, more than data.max_loss_share={cfg.max_loss_share:g}; fill those cells or map fields to the columns that hold them"]
+        limit = f"more than data.max_loss_share={cfg.max_loss_share:g}"
+        return [f"{msg}, {limit}; fill those cells or map fields to the columns that hold the text"]
     log.warning("%s.", msg)
     return []
 
@@ -1241,7 +1256,11 @@ def _one_sentence(scope: str, problems: list[str]) -> str:
     """Several problems (sentences without their period) as one sentence, or the one problem alone."""
     if len(problems) == 1:
         return problems[0] + "."
-    return f"{scope}: {len(problems)} problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)) + "."
+    return (
+        f"{scope}: {len(problems)} problems: "
+        + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        + "."
+    )
 
 
 def mcq_items(rows: list[Row]) -> tuple[list[dict[str, Any]], Counter[str]]:
@@ -1544,7 +1563,11 @@ class SourceLoss:
     @property
     def lost(self) -> int:
         c = self.counts
-        return (c["incomplete"] + c["non_text"] + c["eval_overlap"]) * self.per_row + c["overlong"] + c["emptied"]
+        return (
+            (c["incomplete"] + c["non_text"] + c["eval_overlap"]) * self.per_row
+            + c["overlong"]
+            + c["emptied"]
+        )
 
     @property
     def share(self) -> float:
@@ -1749,7 +1772,8 @@ def build_stage(
     n_c = token_lengths(tokenizer, [r.completion for r in recs], False, f"{name} completions")
     truncated = 0
     kept_shares: list[float] = []  # share of its CoT tokens each shortened record kept
-    lost = {"question": 0, "answer": 0, "cot": 0, "emptied": 0}  # reasoning records that lost their CoT, by reason
+    # reasoning records that lost their CoT, by reason
+    lost = {"question": 0, "answer": 0, "cot": 0, "emptied": 0}
     fitted: list[_Rec] = []
     for r, a, b in zip(recs, n_p, n_c, strict=True):
         r.n_prompt, r.n_tokens = a, a + b
@@ -2059,7 +2083,9 @@ def data_report(params: Params, built: Built) -> str:
 
 def _eval_counts(metrics: dict[str, Any], name: str) -> str:
     """An eval source's 'rows in | blank | empty required cell | not text' cells."""
-    return " | ".join(str(metrics.get(f"eval.{k}.{name}", 0)) for k in ("rows_in", "blank", "incomplete", "non_text"))
+    return " | ".join(
+        str(metrics.get(f"eval.{k}.{name}", 0)) for k in ("rows_in", "blank", "incomplete", "non_text")
+    )
 
 
 def _fence(text: str) -> str:
