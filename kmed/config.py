@@ -105,10 +105,15 @@ class SourceCfg(_Frozen):
     config: str | None = None
     split: str = "train"
     sheet: str | int | None = None
+    # kind csv/xlsx: the 1-based row that holds the column names (a title row above them is common in
+    # exported workbooks); null = the first non-empty row of each sheet, the first line of a CSV.
+    header_row: int | None = Field(None, ge=1)
     # kind json (or jsonl holding a JSON document): the key of the top-level object that holds the
     # records list; null = the array itself, or the object's only list-of-objects value.
     records_key: str | None = None
-    fields: dict[str, str] = Field(default_factory=dict)
+    # schema field -> column name; kind csv/xlsx also take a 1-based column number (2 = column B), which
+    # picks one of two columns with the same name.
+    fields: dict[str, str | int] = Field(default_factory=dict)
     limit: int | None = Field(None, ge=1)
     weight: float = Field(1.0, gt=0)
     task: Literal["reasoning", "instruction", "translation", "mcq", "pairs"]
@@ -125,6 +130,16 @@ class SourceCfg(_Frozen):
             raise ValueError(f"source {self.name!r} of kind {self.kind} needs a path")
         if self.records_key is not None and self.kind not in ("json", "jsonl"):
             raise ValueError(f"source {self.name!r}: records_key is for kind json, not {self.kind}")
+        if self.header_row is not None and self.kind not in ("csv", "xlsx"):
+            raise ValueError(f"source {self.name!r}: header_row is for kind csv or xlsx, not {self.kind}")
+        numbered = [f for f, c in self.fields.items() if isinstance(c, int)]
+        if numbered and self.kind not in ("csv", "xlsx"):
+            raise ValueError(
+                f"source {self.name!r}: fields maps {', '.join(numbered)} to a column number, which only kind "
+                f"csv or xlsx takes (not {self.kind})"
+            )
+        if any(isinstance(c, int) and c < 1 for c in self.fields.values()):
+            raise ValueError(f"source {self.name!r}: column numbers in fields start at 1")
         return self
 
 
@@ -178,8 +193,9 @@ class DataCfg(_Frozen):
     # a tenth ends mid-sentence and teaches reasoning that stops short); such records count as CoT lost.
     min_cot_keep_share: float = Field(0.25, ge=0, le=1)
     # Every source, every task: the stage fails when a source loses more than this share of its records
-    # (blank rows, rows equal to an eval item, records over the length limit, emptied CoTs; duplicates
-    # and weight < 1 are not losses), or ends with none unless the source sets allow_empty.
+    # (rows with an empty required cell or non-text values, rows equal to an eval item, records over the
+    # length limit, emptied CoTs; blank rows, duplicates and weight < 1 are not losses), or ends with none
+    # unless the source sets allow_empty.
     max_loss_share: float = Field(0.2, ge=0, le=1)
     # Korean resident registration / phone numbers: mask them, fail the stage, or leave (not advised).
     pii: Literal["mask", "fail", "off"] = "mask"
@@ -192,6 +208,13 @@ class DataCfg(_Frozen):
     # CoT), so stage 2 keeps practising reasoning; 0 = none. Never from a val split: no eval item leaks.
     stage2_replay: float = Field(0.0, ge=0, lt=1)
     max_xlsx_mb: float = Field(50, gt=0)
+    # A text field holding a number, boolean, date, list or object (a JSON number, a numeric xlsx cell):
+    # fail lists them in one error; count drops such rows as a loss of the source (max_loss_share applies).
+    # MCQ answers, ids and options may be numbers.
+    non_text: Literal["fail", "count"] = "fail"
+    # Translation/pairs sources: at least this share of the ko values must be mostly Hangul and of the en
+    # values mostly Latin, else the mapping is refused (swapped columns, an ID column); 0 turns it off.
+    min_lang_share: float = Field(0.5, ge=0, le=1)
     stage1: StageDataCfg
     stage2: StageDataCfg
     eval: EvalDataCfg

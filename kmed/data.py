@@ -102,6 +102,16 @@ def detect_lang(text: str) -> str:
     return "ko" if _HANGUL.search(text) else "en"
 
 
+_LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]")
+
+
+def main_script(text: str) -> str | None:
+    """'ko' when the text holds more Hangul than Latin letters, 'en' when more Latin, None when neither
+    (numbers, IDs, punctuation)."""
+    ko, en = len(_HANGUL.findall(text)), len(_LATIN.findall(text))
+    return "ko" if ko > en else "en" if en > ko else None
+
+
 def short_hash(*parts: str, n: int = 16) -> str:
     return hashlib.sha1("\x1f".join(parts).encode("utf-8")).hexdigest()[:n]
 
@@ -228,8 +238,33 @@ def display(p: Path, root: Path) -> str:
 # --------------------------------------------------------------------------- decoding
 
 
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32-le", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "utf-32-be", "UTF-32"),
+    (b"\xff\xfe", "utf-16-le", "UTF-16"),
+    (b"\xfe\xff", "utf-16-be", "UTF-16"),
+)
+
+
 def decode_bytes(data: bytes, label: str) -> str:
-    """UTF-8 (with or without BOM), else CP949/EUC-KR; never drops a byte silently."""
+    """UTF-8 (with or without BOM), UTF-16/32 by their BOM, else CP949/EUC-KR; never drops a byte silently."""
+    for bom, codec, name in _BOMS:
+        if data.startswith(bom):
+            try:
+                text = data[len(bom) :].decode(codec)
+            except UnicodeDecodeError as e:
+                raise StageError(
+                    f"{label}: cannot decode the text as {name} (its byte-order mark says {name}; bad bytes at "
+                    f"byte offset {e.start + len(bom)})."
+                ) from None
+            log.info("%s: decoded as %s (byte-order mark)", label, name)
+            return text
+    head_bytes = data[:4096]
+    if head_bytes.count(0) * 4 > len(head_bytes):  # ASCII text in UTF-16: every other byte is 0x00
+        raise StageError(
+            f"{label}: cannot decode the text as UTF-8 or CP949: its bytes look like UTF-16 without a byte-order "
+            "mark (every other byte is 0x00); save it as UTF-8 or as UTF-16 with a BOM."
+        )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -341,12 +376,67 @@ def _missing_columns(
                 f"{label}: fields does not map {f!r}, so it would read the column {col!r}, but the file {has} "
                 f"{_q(variants)}; map it explicitly (fields: {{{f}: {variants[0]}}} or {{{f}: {col}}})."
             )
-    missing = [col for f, col in wanted.items() if required[f] and col not in found]
+    missing = [col for f, col in wanted.items() if required[f] and isinstance(col, str) and col not in found]
     if missing:
         word = "column" if len(missing) == 1 else "columns"
         raise StageError(
             f"{label}: missing {word} {_q(missing)} (found: {_q(found) or 'none'}){sheets_hint}."
         )
+
+
+def _column_label(j: int, letters: bool) -> str:
+    """A 0-based column index as a spreadsheet (B) or a CSV (2) names it."""
+    if letters:
+        from openpyxl.utils import get_column_letter
+
+        return get_column_letter(j + 1)
+    return str(j + 1)
+
+
+def _header_columns(
+    where: str,
+    header: list[str],
+    wanted: dict[str, str | int],
+    required: dict[str, bool],
+    letters: bool,
+    hint: str = "",
+) -> dict[str | int, int]:
+    """Source column (a name, or a 1-based number) -> its 0-based index in `header`. Missing names, a
+    number past the last column and a mapped name that two columns share are refused."""
+    _missing_columns(where, wanted, required, [h for h in header if h], hint)
+    cols: dict[str | int, int] = {}
+    for f, col in wanted.items():
+        if isinstance(col, int):
+            if col > len(header):
+                raise StageError(
+                    f"{where}: fields maps {f!r} to column {col}, but the header has {_count(len(header), 'column')}."
+                )
+            cols[col] = col - 1
+            continue
+        at = [j for j, h in enumerate(header) if h == col]
+        if len(at) > 1:
+            named = " and ".join(_column_label(j, letters) for j in at)
+            raise StageError(
+                f"{where}: {len(at)} columns are named {col!r} (columns {named}), so it is ambiguous which one "
+                f"{f!r} reads; pick one by its number (fields: {{{f}: {at[0] + 1}}} reads column "
+                f"{_column_label(at[0], letters)})."
+            )
+        if at:
+            cols[col] = at[0]
+    return cols
+
+
+def _header_hint(
+    rows: Iterable[Sequence[Any]], first: int, wanted: dict[str, str | int], src_name: str
+) -> str:
+    """'; row N holds them: set header_row: N ...' when one of the next rows holds every mapped name."""
+    names = {c for c in wanted.values() if isinstance(c, str)}
+    for r, values in enumerate(rows, first):
+        if r >= first + 10:
+            break
+        if names and names <= {_norm_header(v) for v in values or ()}:
+            return f"; row {r} holds them: set header_row: {r} on source {src_name!r}"
+    return ""
 
 
 def _progress(it: Iterable[Any], total: int | None, desc: str) -> Iterable[Any]:
@@ -357,6 +447,7 @@ def _progress(it: Iterable[Any], total: int | None, desc: str) -> Iterable[Any]:
     return tqdm(it, total=total, desc=desc, unit="rows", mininterval=2.0)
 
 
+_NOTHING: dict[str, Any] = {}
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
 
@@ -388,6 +479,9 @@ def _iter_json(
     for i, obj in enumerate(_progress(records, len(records), f"read {label}"), 1):
         if not isinstance(obj, dict):
             raise StageError(f"{label} record {i}: expected a JSON object, got a JSON {_json_type(obj)}.")
+        if not obj:  # {}: a blank row, counted like any reader's
+            yield _Raw(label, "record", i, _NOTHING.get)
+            continue
         _missing_columns(f"{label} record {i}", wanted, required, list(obj))
         yield _Raw(label, "record", i, obj.get)
 
@@ -427,10 +521,17 @@ def _json_document(
             if kind == "json":
                 log.info("%s: JSON Lines (one object per line), read line by line", label)
             return None
-        raise StageError(f"{label} line {e.lineno}: malformed JSON ({e.msg} at column {e.colno}).") from None
+        raise StageError(
+            f"{label} line {e.lineno}: malformed JSON ({_json_msg(e)} column {e.colno})."
+        ) from None
     if kind == "jsonl":
         log.info("%s: a JSON %s, not JSON Lines; read as kind json", label, _json_type(doc))
     return doc
+
+
+def _json_msg(e: json.JSONDecodeError) -> str:
+    """The decoder's message ready for ' column N': some already end in 'at' ('... starting at')."""
+    return e.msg if e.msg.endswith(" at") else f"{e.msg} at"
 
 
 def _records_holder(obj: dict[str, Any]) -> list[str]:
@@ -489,17 +590,24 @@ def _json_records(
 
 
 def _iter_jsonl(text: str, label: str, wanted: dict[str, str], required: dict[str, bool]) -> Iterator[_Raw]:
-    lines = text.split("\n")  # not splitlines(): U+2028 may sit unescaped inside a JSON string
+    # A raw CR cannot sit inside a JSON string, so a file without LF but with CR (classic Mac, some
+    # exporters) has CR-only line endings.
+    sep = "\n"
+    if "\r" in text and "\n" not in text:
+        log.info("%s: CR-only line endings, read as line breaks", label)
+        sep = "\r"
+    lines = text.split(sep)  # not splitlines(): U+2028 may sit unescaped inside a JSON string
     if lines and not lines[-1].strip():
         lines.pop()
     seen = False
     for i, line in enumerate(_progress(lines, len(lines), f"read {label}"), 1):
         if not line.strip():
+            yield _Raw(label, "line", i, _NOTHING.get)  # a blank row, counted like any reader's
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise StageError(f"{label} line {i}: malformed JSON ({e.msg} at column {e.colno}).") from None
+            raise StageError(f"{label} line {i}: malformed JSON ({_json_msg(e)} column {e.colno}).") from None
         if not isinstance(obj, dict):
             raise StageError(f"{label} line {i}: expected a JSON object, got {type(obj).__name__}.")
         _missing_columns(f"{label} line {i}", wanted, required, list(obj))
@@ -523,18 +631,49 @@ def _iter_table(
         yield _Raw(label, unit, i + first_row, vals.get)
 
 
-def _iter_csv(path: Path, label: str, wanted: dict[str, str], required: dict[str, bool]) -> Iterator[_Raw]:
+def _iter_csv(
+    path: Path, label: str, wanted: dict[str, str], required: dict[str, bool], src: SourceCfg
+) -> Iterator[_Raw]:
+    """A CSV read as strings. The header is line 1 (or `header_row`) and is read raw, not by pandas,
+    which would rename a repeated name to `name.1`. Row numbers are the spreadsheet's."""
     import pandas as pd
 
     text = _read_text(path, label)
+    skip = (src.header_row or 1) - 1
     try:
         df = pd.read_csv(
-            io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False
+            io.StringIO(text),
+            header=None,
+            skiprows=skip,
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+            skip_blank_lines=False,
         )
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise StageError(f"{label}: malformed CSV ({str(e).strip().splitlines()[0].rstrip('.')}).") from None
-    # Row numbers count the header as row 1, as a spreadsheet shows them.
-    yield from _iter_table(df, label, wanted, required, first_row=2, unit="row")
+        why = str(e).strip().splitlines()[0].rstrip(".")
+        title = (
+            "; if the column names are not on the first line, set header_row on the source"
+            if not skip
+            else ""
+        )
+        raise StageError(f"{label}: malformed CSV ({why}){title}.") from None
+    header = [_norm_header(h) for h in df.iloc[0].tolist()]
+    try:
+        cols = _header_columns(label, header, wanted, required, letters=False)
+    except StageError as e:
+        hint = "" if skip else _header_hint(df.iloc[1:11].values.tolist(), 2, wanted, src.name)
+        if not hint:
+            raise
+        raise StageError(f"{str(e)[:-1]}{hint}.") from None
+    n = len(df) - 1
+    if n == 0:
+        raise StageError(f"{label}: has a header row but no data rows.")
+    data = {c: df.iloc[1:, j].tolist() for c, j in cols.items()}
+    del df
+    for i in _progress(range(n), n, f"read {label}"):
+        vals = {c: data[c][i] for c in cols}
+        yield _Raw(label, "row", skip + i + 2, vals.get)
 
 
 def _iter_parquet(
@@ -634,7 +773,7 @@ def _iter_xlsx(
         raise StageError(f"{label}: not a readable .xlsx workbook ({type(e).__name__}).") from None
     try:
         sheets = _pick_sheets(wb, src.sheet, label)
-        formulas = _formula_cells(path, sheets, wanted) if _has_formulas(path) else {}
+        formulas = _formula_cells(path, sheets) if _has_formulas(path) else {}
         # AI Hub workbooks often open with a description sheet: say which param reads only the data.
         hint = (
             f"; set sheet: on source {src.name!r} to the sheet that holds them (sheets: {_q(wb.sheetnames)})"
@@ -650,11 +789,18 @@ def _iter_xlsx(
             n_data = 0
             for r, values in enumerate(rows, 1):
                 if header is None:
-                    if values and any(v is not None and str(v).strip() for v in values):
+                    filled = bool(values) and any(v is not None and str(v).strip() for v in values)
+                    if src.header_row is not None and r == src.header_row and not filled:
+                        raise StageError(f"{where} row {r}: the header row (header_row: {r}) is empty.")
+                    if filled and (src.header_row is None or r == src.header_row):
                         header = [_norm_header(v) for v in values]
-                        _missing_columns(where, wanted, required, [h for h in header if h], hint)
-                        index = {h: j for j, h in reversed(list(enumerate(header)))}
-                        cols = {c: index[c] for c in wanted.values() if c in index}
+                        try:
+                            cols = _header_columns(where, header, wanted, required, True, hint)
+                        except StageError as e:
+                            below = "" if src.header_row else _header_hint(rows, r + 1, wanted, src.name)
+                            if not below:
+                                raise
+                            raise StageError(f"{str(e)[:-1]}{below}.") from None
                     continue
                 vals = {c: values[j] if j < len(values) else None for c, j in cols.items()}
                 for c, j in cols.items():
@@ -673,6 +819,8 @@ def _iter_xlsx(
                     lambda c, r=r, cols=cols: f"{get_column_letter(cols[c] + 1)}{r}" if c in cols else None,
                 )
             if header is None:
+                if src.header_row is not None:
+                    raise StageError(f"{where}: the sheet has no row {src.header_row} (header_row).")
                 raise StageError(f"{where}: the sheet is empty.")
             if n_data == 0:
                 raise StageError(f"{where}: has a header row but no data rows.")
@@ -680,8 +828,8 @@ def _iter_xlsx(
         wb.close()
 
 
-def _formula_cells(path: Path, sheets: list[str], wanted: dict[str, str]) -> dict[tuple[str, int, int], str]:
-    """(sheet, row, column index) -> formula text, for formula cells in the columns we read."""
+def _formula_cells(path: Path, sheets: list[str]) -> dict[tuple[str, int, int], str]:
+    """(sheet, row, column index) -> formula text, for every formula cell of the sheets we read."""
     import openpyxl
 
     out: dict[tuple[str, int, int], str] = {}
@@ -690,15 +838,8 @@ def _formula_cells(path: Path, sheets: list[str], wanted: dict[str, str]) -> dic
         for name in sheets:
             ws = wb[name]
             ws.reset_dimensions()
-            cols: dict[int, str] | None = None
             for r, values in enumerate(ws.iter_rows(values_only=True), 1):
-                if cols is None:
-                    if values and any(v is not None and str(v).strip() for v in values):
-                        header = [_norm_header(v) for v in values]
-                        cols = {j: h for j, h in enumerate(header) if h in wanted.values()}
-                    continue
-                for j in cols:
-                    v = values[j] if j < len(values) else None
+                for j, v in enumerate(values or ()):
                     text = getattr(v, "text", v)  # ArrayFormula keeps its text in .text
                     if isinstance(text, str) and text.startswith("="):
                         out[(name, r, j)] = text
@@ -737,6 +878,11 @@ def _iter_hf(src: SourceCfg, root: Path, wanted: dict[str, str], required: dict[
         yield _Raw(label, "row", i, vals.get, file=label)
 
 
+def _column_key(col: str | int) -> str | int:
+    """A `fields` value as the readers look it up: a normalised name, or a 1-based column number."""
+    return col if isinstance(col, int) else unicodedata.normalize("NFC", col).strip()
+
+
 def source_fields(src: SourceCfg) -> FieldMap:
     """Schema field -> source column (a field not mapped reads the column of its own name)."""
     schema = SCHEMAS[src.task]
@@ -746,53 +892,121 @@ def source_fields(src: SourceCfg) -> FieldMap:
             f"source {src.name!r}: fields names {_q(unknown)}, not in the {src.task} schema ({', '.join(schema)})."
         )
     return FieldMap(
-        {
-            f: unicodedata.normalize("NFC", src.fields.get(f, f)).strip()
-            for f in schema
-            if f not in MAPPED_ONLY or f in src.fields
-        },
+        {f: _column_key(src.fields.get(f, f)) for f in schema if f not in MAPPED_ONLY or f in src.fields},
         defaulted=[f for f in schema if f not in src.fields and f not in MAPPED_ONLY],
     )
 
 
-def read_source(src: SourceCfg, root: Path, max_xlsx_mb: float) -> tuple[list[Row], int]:
-    """Rows of a source in its schema (normalised text), and the number of blank rows skipped.
+# Fields that may hold a number (an MCQ's answer 3, its id, an option such as 0.5); every other field
+# is text, and a number, boolean, date, list or object there is data.non_text's business.
+NUMBER_OK: dict[str, frozenset[str]] = {"mcq": frozenset({"answer", "id", *MCQ_LETTERS})}
+SHOW_FIRST = 5  # places listed in an error or warning, before "and N more"
 
-    Applies `limit` (the first N rows read, blank ones included). Raises StageError on any contract
-    breach: missing columns, empty or undecodable files, empty required cells, formula cells without
-    a cached value.
+
+@dataclass
+class Skipped:
+    """Rows read_source left out: blank ones (every mapped field empty; skipped, never a loss), rows with
+    an empty required field (incomplete) and rows with a non-text value (data.non_text=count); the first
+    places of each loss, for the sentences that report it."""
+
+    blank: int = 0
+    incomplete: int = 0
+    non_text: int = 0
+    first: dict[str, list[str]] = field(default_factory=lambda: {"incomplete": [], "non_text": []})
+
+    def note(self, reason: str, place: str) -> None:
+        setattr(self, reason, getattr(self, reason) + 1)
+        if len(self.first[reason]) < SHOW_FIRST:
+            self.first[reason].append(place)
+
+    def places(self, reason: str) -> str:
+        """'f row 3 column 'x', f row 9 column 'x' and 4 more'."""
+        shown = self.first[reason]
+        more = getattr(self, reason) - len(shown)
+        return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
+def _kind_of(v: Any) -> str:
+    """How a non-text value reads in a sentence: a number, a boolean, a date, a JSON list/object."""
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int | float):
+        return "number"
+    if isinstance(v, list | tuple):
+        return "list"
+    if isinstance(v, dict):
+        return "object"
+    if hasattr(v, "isoformat"):
+        return (
+            "date" if type(v).__name__ == "date" else "date/time" if hasattr(v, "hour") else type(v).__name__
+        )
+    if hasattr(v, "item"):  # numpy scalars
+        return _kind_of(v.item())
+    return type(v).__name__
+
+
+def _is_text(v: Any) -> bool:
+    """Text, or nothing (None, a missing float NaN)."""
+    return v is None or isinstance(v, str) or (isinstance(v, float) and math.isnan(v))
+
+
+def read_source(
+    src: SourceCfg, root: Path, max_xlsx_mb: float, non_text: str = "fail"
+) -> tuple[list[Row], Skipped]:
+    """Rows of a source in its schema (normalised text), and what was left out (`Skipped`).
+
+    One rule in every reader: a row whose mapped fields are all empty is blank, skipped and counted.
+    A row with an empty required field is an incomplete row: counted as a loss (with its first places)
+    and left out. A text field holding a number, boolean, date, list or object fails the source with one
+    sentence listing the first places and the total (non_text=fail), or is a counted loss (count).
+    Applies `limit` (the first N rows read, blank ones included). Raises StageError on any other
+    contract breach: missing or ambiguous columns, empty or undecodable files, formula cells without a
+    cached value.
     """
     wanted = source_fields(src)
     required = SCHEMAS[src.task]
+    number_ok = NUMBER_OK.get(src.task, frozenset())
     if src.kind == "hf":
         raws: Iterable[_Raw] = _iter_hf(src, root, wanted, required)
     else:
         raws = _iter_files(src, root, wanted, required, max_xlsx_mb)
     rows: list[Row] = []
-    blank = 0
+    skipped = Skipped()
     n_read = 0
     for raw in raws:
         if src.limit is not None and n_read >= src.limit:
             break
         n_read += 1
         texts: dict[str, str] = {}
+        odd: list[str] = []  # places of non-text values in this row
         for f, col in wanted.items():
-            t = _cell_text(raw.get(col))
+            v = raw.get(col)
+            t = (
+                _cell_text(v)
+                if f in number_ok
+                else (v if isinstance(v, str) else "" if _is_text(v) else None)
+            )
             if t is None:
                 where = f" (cell {raw.cell(col)})" if raw.cell else ""
-                raise StageError(
-                    f"{raw.where} {raw.unit} {raw.n}{where}: column {col!r} holds a {type(raw.get(col)).__name__}, not text."
+                odd.append(
+                    f"{raw.where} {raw.unit} {raw.n}{where} column {col!r} holds a {_kind_of(v)} ({v!r:.40})"
                 )
+                t = ""
             texts[f] = t
         values = {f: normalize_text(t) if t else "" for f, t in texts.items()}
-        if not any(values.values()):
-            blank += 1
+        if odd:  # fail lists every value; count counts rows (one loss each)
+            for place in odd if non_text == "fail" else odd[:1]:
+                skipped.note("non_text", place)
             continue
-        for f, req in required.items():
-            if req and not values[f]:
-                col = wanted[f]
-                where = f" (cell {raw.cell(col)})" if raw.cell else ""
-                raise StageError(f"{raw.where} {raw.unit} {raw.n}{where}: empty required column {col!r}.")
+        if not any(values.values()):
+            skipped.blank += 1
+            continue
+        empty = [wanted[f] for f, req in required.items() if req and not values[f]]
+        if empty:
+            col = empty[0]
+            where = f" (cell {raw.cell(col)})" if raw.cell else ""
+            skipped.note("incomplete", f"{raw.where} {raw.unit} {raw.n}{where} column {col!r}")
+            continue
         rows.append(
             Row(
                 src.name,
@@ -806,7 +1020,13 @@ def read_source(src: SourceCfg, root: Path, max_xlsx_mb: float) -> tuple[list[Ro
                 raw.file,
             )
         )
-    return rows, blank
+    if skipped.non_text and non_text == "fail":
+        raise StageError(
+            f"source {src.name!r}: {_count(skipped.non_text, 'non-text value')} where text belongs "
+            f"(data.non_text=fail): {skipped.places('non_text')}; map fields to the columns that hold the text, "
+            "or set data.non_text=count to leave such rows out as a counted loss."
+        )
+    return rows, skipped
 
 
 def _iter_files(
@@ -817,7 +1037,7 @@ def _iter_files(
         if src.kind in ("jsonl", "json"):
             raws = _iter_json(path, label, wanted, required, src.kind, src.records_key)
         elif src.kind == "csv":
-            raws = _iter_csv(path, label, wanted, required)
+            raws = _iter_csv(path, label, wanted, required, src)
         elif src.kind == "parquet":
             raws = _iter_parquet(path, label, wanted, required)
         else:
@@ -828,6 +1048,39 @@ def _iter_files(
 
 
 # --------------------------------------------------------------------------- row checks
+
+
+def check_languages(src: SourceCfg, rows: list[Row], min_share: float) -> dict[str, float]:
+    """The share of a translation source's ko values that are mostly Hangul and of its en values that
+    are mostly Latin; a share under `min_share` refuses the mapping (swapped columns, an ID column)."""
+    shares = {}
+    for side in ("ko", "en"):
+        hits = sum(main_script(r.values[side]) == side for r in rows)
+        shares[side] = hits / len(rows) if rows else 1.0
+    bad = [side for side in ("ko", "en") if shares[side] < min_share]
+    if bad:
+        cols = " and ".join(f"{side}: {rows[0].cols[side]!r}" for side in bad)
+        measured = " and ".join(
+            f"{percent(shares[side] * len(rows), len(rows))} of the {side!r} values are mostly "
+            + ("Hangul" if side == "ko" else "Latin")
+            for side in bad
+        )
+        swapped = (
+            "swap them"
+            if all(shares[side] < min_share for side in ("ko", "en"))
+            and sum(main_script(r.values["ko"]) == "en" for r in rows) >= min_share * len(rows)
+            else "map them to the columns that hold the Korean and English text"
+        )
+        verb = "fields" if len(bad) > 1 else "field"
+        do = "do" if len(bad) > 1 else "does"
+        raise StageError(
+            f"source {src.name!r}: {verb} {cols} {do} not hold {' and '.join(LANG_NAMES[s] for s in bad)} text: "
+            f"{measured} (of {_count(len(rows), 'row')}; data.min_lang_share={min_share:g}); {swapped}."
+        )
+    return shares
+
+
+LANG_NAMES = {"ko": "Korean", "en": "English"}
 
 
 def apply_pii(rows: list[Row], mode: str, counts: Counter[str]) -> None:
@@ -930,9 +1183,10 @@ def build_eval(cfg: DataCfg, root: Path) -> EvalSets:
     pii: Counter[str] = Counter()
 
     rows = []
+    problems: list[str] = []
     for src in cfg.eval.mcq_sources:
-        got, blank = read_source(src, root, cfg.max_xlsx_mb)
-        metrics[f"eval.rows_in.{src.name}"] = len(got) + blank
+        got, sk = read_source(src, root, cfg.max_xlsx_mb, cfg.non_text)
+        problems += _eval_skipped(metrics, src, len(got), sk, cfg)
         rows += got
     apply_pii(rows, cfg.pii, pii)
     mcq, mcq_dups = mcq_items(rows)
@@ -940,8 +1194,11 @@ def build_eval(cfg: DataCfg, root: Path) -> EvalSets:
     for k, n in mcq_dups.items():
         metrics[f"eval.mcq_duplicates.{k}"] = n
 
-    rows, blank = read_source(cfg.eval.koen, root, cfg.max_xlsx_mb)
-    metrics[f"eval.rows_in.{cfg.eval.koen.name}"] = len(rows) + blank
+    rows, sk = read_source(cfg.eval.koen, root, cfg.max_xlsx_mb, cfg.non_text)
+    problems += _eval_skipped(metrics, cfg.eval.koen, len(rows), sk, cfg)
+    if problems:
+        raise StageError(_one_sentence("data.eval", problems))
+    check_languages(cfg.eval.koen, rows, cfg.min_lang_share)
     apply_pii(rows, cfg.pii, pii)
     rows, exact, normed = dedup(rows)
     metrics["eval.koen_duplicates.exact"] = exact
@@ -964,6 +1221,46 @@ def build_eval(cfg: DataCfg, root: Path) -> EvalSets:
         keys.add(match_key(p["ko"]))
         keys.add(match_key(p["en"]))
     return EvalSets(mcq, koen, keys, metrics)
+
+
+def _eval_skipped(
+    metrics: dict[str, Any], src: SourceCfg, n_rows: int, sk: Skipped, cfg: DataCfg
+) -> list[str]:
+    """Record an eval source's rows in, blank and lost in `metrics`; the loss contract's sentence (without
+    its period) when more than data.max_loss_share of its non-blank rows were lost."""
+    lost = sk.incomplete + sk.non_text
+    offered = n_rows + lost
+    metrics[f"eval.rows_in.{src.name}"] = offered + sk.blank
+    metrics[f"eval.blank.{src.name}"] = sk.blank
+    metrics[f"eval.incomplete.{src.name}"] = sk.incomplete
+    metrics[f"eval.non_text.{src.name}"] = sk.non_text
+    if not lost:
+        return []
+    why = ", ".join(
+        f"{_count(n, 'row')} {what} ({sk.places(reason)})"
+        for reason, n, what in (
+            ("incomplete", sk.incomplete, "with an empty required cell"),
+            ("non_text", sk.non_text, "with a non-text value"),
+        )
+        if n
+    )
+    msg = f"data.eval source {src.name!r}: {lost} of {_count(offered, 'row')} ({percent(lost, offered)}) left out: {why}"
+    if lost / offered > cfg.max_loss_share:
+        limit = f"more than data.max_loss_share={cfg.max_loss_share:g}"
+        return [f"{msg}, {limit}; fill those cells or map fields to the columns that hold the text"]
+    log.warning("%s.", msg)
+    return []
+
+
+def _one_sentence(scope: str, problems: list[str]) -> str:
+    """Several problems (sentences without their period) as one sentence, or the one problem alone."""
+    if len(problems) == 1:
+        return problems[0] + "."
+    return (
+        f"{scope}: {len(problems)} problems: "
+        + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        + "."
+    )
 
 
 def mcq_items(rows: list[Row]) -> tuple[list[dict[str, Any]], Counter[str]]:
@@ -1160,11 +1457,14 @@ def truncate_completion(
     """The completion shortened to fit `max_len` with the prompt, as (text, tokens, share of the CoT's
     tokens kept), or why it cannot be.
 
-    Only the CoT is cut; the `<think>` frame, the whole answer and the EOS are kept. Returns "answer"
-    when the prompt, the frame and the whole answer do not fit (or there is no CoT to shorten), and
+    Only the CoT is cut; the `<think>` frame, the whole answer and the EOS are kept. Returns "question"
+    when the prompt alone takes the whole length, "answer" when the prompt, the frame and the whole
+    answer do not fit (or there is no CoT to shorten), and
     "cot" when the CoT would keep fewer than `min_cot` tokens or less than `min_keep_share` of them
     (or nothing at all, with both 0 aside).
     """
+    if n_prompt >= max_len:
+        return "question"
     if not rec_cot:
         return "answer"
     room = max_len - n_prompt - len(_ids(tokenizer, render_completion("", answer, eos)))
@@ -1192,8 +1492,11 @@ def truncate_completion(
 def overlong_reason(
     tokenizer: Any, rec_cot: str | None, answer: str, eos: str, n_prompt: int, max_len: int
 ) -> str:
-    """Why an overlong record cannot be kept whole: "answer" when the prompt and the whole answer (in
-    the empty `<think>` frame) do not fit, else "cot" (only its CoT is too long)."""
+    """Why an overlong record cannot be kept whole: "question" when the prompt alone takes the whole
+    length, "answer" when the prompt and the whole answer (in the empty `<think>` frame) do not fit, else
+    "cot" (only its CoT is too long)."""
+    if n_prompt >= max_len:
+        return "question"
     if not rec_cot:
         return "answer"
     n = len(_ids(tokenizer, render_completion("", answer, eos)))
@@ -1274,16 +1577,21 @@ class SourceLoss:
     per_row: int
     max_len: int
     cfg: DataCfg
+    skipped: Skipped = field(default_factory=Skipped)  # where the incomplete and non-text rows are
 
     @property
     def offered(self) -> int:
         c = self.counts
-        return (c["rows_in"] - c["duplicate"] - c["subsampled"]) * self.per_row
+        return (c["rows_in"] - c["blank"] - c["duplicate"] - c["subsampled"]) * self.per_row
 
     @property
     def lost(self) -> int:
         c = self.counts
-        return (c["empty"] + c["eval_overlap"]) * self.per_row + c["overlong"] + c["emptied"]
+        return (
+            (c["incomplete"] + c["non_text"] + c["eval_overlap"]) * self.per_row
+            + c["overlong"]
+            + c["emptied"]
+        )
 
     @property
     def share(self) -> float:
@@ -1307,9 +1615,18 @@ class SourceLoss:
         else:
             cot = "whose CoT would be cut (data.overlong=drop)"
         over = f"over model.max_seq_length={self.max_len}"
+        sk = self.skipped
         parts = [
-            (c["empty"], rows(c["empty"], "blank in the mapped columns")),
+            (
+                c["incomplete"],
+                rows(c["incomplete"], f"with an empty required cell ({sk.places('incomplete')})"),
+            ),
+            (c["non_text"], rows(c["non_text"], f"with a non-text value ({sk.places('non_text')})")),
             (c["eval_overlap"], rows(c["eval_overlap"], "equal to a data.eval item")),
+            (
+                c["overlong_question"],
+                f"{_count(c['overlong_question'], 'record')} {over} by the question alone",
+            ),
             (
                 c["overlong_answer"],
                 f"{_count(c['overlong_answer'], 'record')} {over} whose answer would be cut",
@@ -1331,7 +1648,7 @@ class SourceLoss:
             )
         if c["eval_overlap"]:
             fixes.append("take the data.eval items out of the source")
-        if c["empty"]:
+        if c["incomplete"] or c["non_text"]:
             fixes.append("map fields to the columns that hold the text")
         return fixes
 
@@ -1354,6 +1671,8 @@ class SourceLoss:
         """Why the source ended with no records (the error, or with allow_empty the warning)."""
         c = self.counts
         why = self._parts(in_records=False)
+        if c["blank"]:
+            why.append(f"{_count(c['blank'], 'row')} blank in the mapped columns")
         if c["duplicate"]:
             why.append(f"{_count(c['duplicate'], 'row')} duplicating earlier rows")
         if c["subsampled"]:
@@ -1390,10 +1709,12 @@ def build_stage(
     m: dict[str, Any] = {}
     drops: Counter[str] = Counter(
         {
-            "empty": 0,
+            "incomplete": 0,
+            "non_text": 0,
             "duplicate": 0,
             "eval_overlap": 0,
             "overlong": 0,
+            "overlong_question": 0,
             "overlong_answer": 0,
             "overlong_cot": 0,
             "subsampled": 0,
@@ -1407,18 +1728,28 @@ def build_stage(
         for source, n in (Counter(r.source for r in before) - Counter(r.source for r in after)).items():
             by_src[source][reason] += n
 
-    # Read every source; blank rows are dropped and counted.
+    # Read every source: blank rows are skipped and counted (never a loss), incomplete and non-text rows
+    # are counted losses; a translation mapping must yield Korean and English.
     rows: list[Row] = []
+    skipped: dict[str, Skipped] = {}
     for src in scfg.sources:
         if src.task not in TRAIN_TASKS:
             raise StageError(
                 f"data.{name} source {src.name!r}: task {src.task!r} is for eval sets, not training."
             )
-        got, blank = read_source(src, root, cfg.max_xlsx_mb)
-        log.info("%s: %s gave %d rows (%d blank)", name, src.name, len(got) + blank, blank)
-        m[f"{name}.rows_in.{src.name}"] = len(got) + blank
-        by_src[src.name].update({"rows_in": len(got) + blank, "empty": blank})
-        drops["empty"] += blank
+        got, sk = read_source(src, root, cfg.max_xlsx_mb, cfg.non_text)
+        if src.task == "translation":
+            check_languages(src, got, cfg.min_lang_share)
+        n_in = len(got) + sk.blank + sk.incomplete + sk.non_text
+        log.info("%s: %s gave %d rows (%d blank)", name, src.name, n_in, sk.blank)
+        m[f"{name}.rows_in.{src.name}"] = n_in
+        m[f"{name}.blank.{src.name}"] = sk.blank
+        by_src[src.name].update(
+            {"rows_in": n_in, "blank": sk.blank, "incomplete": sk.incomplete, "non_text": sk.non_text}
+        )
+        drops["incomplete"] += sk.incomplete
+        drops["non_text"] += sk.non_text
+        skipped[src.name] = sk
         rows.extend(got)
 
     # PII, then duplicates across the stage's sources, then anything that equals an eval item.
@@ -1467,7 +1798,8 @@ def build_stage(
     n_c = token_lengths(tokenizer, [r.completion for r in recs], False, f"{name} completions")
     truncated = 0
     kept_shares: list[float] = []  # share of its CoT tokens each shortened record kept
-    lost = {"answer": 0, "cot": 0, "emptied": 0}  # reasoning records that lost their CoT, by reason
+    # reasoning records that lost their CoT, by reason
+    lost = {"question": 0, "answer": 0, "cot": 0, "emptied": 0}
     fitted: list[_Rec] = []
     for r, a, b in zip(recs, n_p, n_c, strict=True):
         r.n_prompt, r.n_tokens = a, a + b
@@ -1503,6 +1835,7 @@ def build_stage(
     m[f"{name}.cot_emptied"] = lost["emptied"]
     for k, v in _keep_stats(kept_shares).items():
         m[f"{name}.cot_keep_share_{k}"] = v
+    problems: list[str] = []  # every contract breach of the stage, raised together below
     if (n_lost / n_reasoning if n_reasoning else 0.0) > cfg.max_cot_loss_share:
         below = (
             f"below data.min_cot_tokens={cfg.min_cot_tokens} or data.min_cot_keep_share={cfg.min_cot_keep_share:g}"
@@ -1515,31 +1848,36 @@ def build_stage(
             else ", or set data.overlong=truncate"
         )
         emptied = f", {lost['emptied']} kept with an emptied CoT" if lost["emptied"] else ""
-        raise StageError(
+        question = f"{lost['question']} because the question alone is too long, " if lost["question"] else ""
+        problems.append(
             f"data.{name}: {n_lost} of {n_reasoning} reasoning records ({percent(n_lost, n_reasoning)}) would lose "
-            f"their CoT at model.max_seq_length={max_len} ({lost['answer']} because the answer would be cut, "
-            f"{lost['cot']} because the CoT would be cut {below}{emptied}), more than "
+            f"their CoT at model.max_seq_length={max_len} ({question}{lost['answer']} because the answer would be "
+            f"cut, {lost['cot']} because the CoT would be cut {below}{emptied}), more than "
             f"data.max_cot_loss_share={cfg.max_cot_loss_share:g}; raise model.max_seq_length or "
-            f"data.max_cot_loss_share{lower}."
+            f"data.max_cot_loss_share{lower}"
         )
 
-    # Contract for every source and task: records lost (blank, eval overlap, length, emptied CoT) are
-    # logged, more than max_loss_share of them fail the stage, and so does a source left with none.
+    # Contract for every source and task: records lost (incomplete, not text, eval overlap, length,
+    # emptied CoT) are logged; more than max_loss_share of them fail the stage, and so does a source left
+    # with none. Every breach of the stage is named in one error.
     n_out = Counter(r.source for r in fitted)
     for src in scfg.sources:
         pairs = src.task == "translation" and scfg.translation_direction == "both"
-        loss = SourceLoss(name, src, by_src[src.name], 2 if pairs else 1, max_len, cfg)
+        loss = SourceLoss(name, src, by_src[src.name], 2 if pairs else 1, max_len, cfg, skipped[src.name])
         m[f"{name}.records_offered.{src.name}"] = loss.offered
         m[f"{name}.records_lost.{src.name}"] = loss.lost
         m[f"{name}.loss_share.{src.name}"] = round(loss.share, 4)
         if not n_out[src.name]:
             if not src.allow_empty:
-                raise StageError(loss.empty())
+                problems.append(loss.empty()[:-1])
+                continue
             log.warning("%s", loss.empty())
         elif loss.share > cfg.max_loss_share:
-            raise StageError(loss.too_many())
+            problems.append(loss.too_many()[:-1])
         elif loss.lost:
             log.warning("%s", loss.logged())
+    if problems:
+        raise StageError(_one_sentence(f"data.{name}", problems))
 
     # Split by a hash of the normalised question; weight > 1 repeats records in train only.
     train: list[dict[str, Any]] = []
@@ -1675,21 +2013,24 @@ def data_report(params: Params, built: Built) -> str:
             "",
             "Rows are source rows; records are training examples (a translation pair gives one per direction).",
             "",
-            "| source | task | kind | weight | rows in | blank | duplicate | equals eval item | subsampled "
-            "| over length: answer would be cut | over length: CoT too short | CoT shortened (kept) | records out |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| source | task | kind | weight | rows in | blank | empty required cell | not text | duplicate "
+            "| equals eval item | subsampled | over length: question alone | over length: answer would be cut "
+            "| over length: CoT too short | CoT shortened (kept) | records out |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for s in scfg.sources:
             c = by.get(s.name, Counter())
             L.append(
-                f"| {s.name} | {s.task} | {s.kind} | {s.weight:g} | {c['rows_in']} | {c['empty']} | {c['duplicate']} "
-                f"| {c['eval_overlap']} | {c['subsampled']} | {c['overlong_answer']} | {c['overlong_cot']} "
+                f"| {s.name} | {s.task} | {s.kind} | {s.weight:g} | {c['rows_in']} | {c['blank']} | {c['incomplete']} "
+                f"| {c['non_text']} | {c['duplicate']} | {c['eval_overlap']} | {c['subsampled']} "
+                f"| {c['overlong_question']} | {c['overlong_answer']} | {c['overlong_cot']} "
                 f"| {c['truncated']} | {c['records_out']} |"
             )
         L += [
             "",
-            "Loss per source, in records: blank rows, rows equal to an eval item, records over length and "
-            "emptied CoTs (duplicates and weight < 1 are not losses). The stage fails when a source loses "
+            "Blank rows (every mapped column empty) are skipped and are not a loss. Loss per source, in records: "
+            "rows with an empty required cell or a non-text value, rows equal to an eval item, records over "
+            "length and emptied CoTs (duplicates and weight < 1 are not losses). The stage fails when a source loses "
             f"more than data.max_loss_share = {cfg.max_loss_share:g} of what it offers, or ends "
             "with no records unless it sets allow_empty.",
             "",
@@ -1709,10 +2050,12 @@ def data_report(params: Params, built: Built) -> str:
             "|---|---:|",
         ]
         for reason, what in (
-            ("empty", "blank row"),
+            ("incomplete", "row with an empty required cell"),
+            ("non_text", "row with a non-text value (data.non_text=count)"),
             ("duplicate", "duplicate row (exact + normalised)"),
             ("eval_overlap", "row equals an eval item"),
             ("subsampled", "row left out by weight < 1"),
+            ("overlong_question", f"record over {max_len} tokens by the question alone"),
             ("overlong_answer", f"record over {max_len} tokens: the answer would be cut"),
             ("overlong_cot", f"record over {max_len} tokens: {cot_why}"),
         ):
@@ -1747,14 +2090,14 @@ def data_report(params: Params, built: Built) -> str:
     L += [
         "## eval",
         "",
-        "| set | source | rows in | rows out |",
-        "|---|---|---:|---:|",
+        "| set | source | rows in | blank | empty required cell | not text | rows out |",
+        "|---|---|---:|---:|---:|---:|---:|",
         *(
-            f"| mcq | {s.name} | {metrics.get('eval.rows_in.' + s.name, 0)} "
+            f"| mcq | {s.name} | {_eval_counts(metrics, s.name)} "
             f"| {sum(r['source'] == s.name for r in built.files.get('eval/mcq.jsonl', []))} |"
             for s in cfg.eval.mcq_sources
         ),
-        f"| koen | {cfg.eval.koen.name} | {metrics.get('eval.rows_in.' + cfg.eval.koen.name, 0)} | {metrics.get('eval.koen_rows', 0)} |",
+        f"| koen | {cfg.eval.koen.name} | {_eval_counts(metrics, cfg.eval.koen.name)} | {metrics.get('eval.koen_rows', 0)} |",
         "",
         f"Duplicates dropped: {metrics.get('eval.dropped.duplicate', 0)} (mcq: "
         f"{metrics.get('eval.mcq_duplicates.exact', 0)} exact, {metrics.get('eval.mcq_duplicates.normalized', 0)} "
@@ -1766,6 +2109,13 @@ def data_report(params: Params, built: Built) -> str:
         "",
     ]
     return "\n".join(L)
+
+
+def _eval_counts(metrics: dict[str, Any], name: str) -> str:
+    """An eval source's 'rows in | blank | empty required cell | not text' cells."""
+    return " | ".join(
+        str(metrics.get(f"eval.{k}.{name}", 0)) for k in ("rows_in", "blank", "incomplete", "non_text")
+    )
 
 
 def _fence(text: str) -> str:

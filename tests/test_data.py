@@ -400,9 +400,9 @@ def test_xlsx_folder_reads_all_files_and_sheets_in_order(tmp_path: Path) -> None
         },
     )
     (tmp_path / "d/~$a.xlsx").write_bytes(b"lock")  # Excel's owner file: not a workbook, skipped
-    rows, blank = D.read_source(one_source(tmp_path, "xlsx", "d", "translation", T_FIELDS), tmp_path, 50)
+    rows, skipped = D.read_source(one_source(tmp_path, "xlsx", "d", "translation", T_FIELDS), tmp_path, 50)
     assert [r.values["ko"] for r in rows] == ["하나", "둘", "셋"]
-    assert blank == 1 and rows[1].where == "d/a.xlsx sheet 'S2'" and rows[1].n == 2
+    assert skipped.blank == 1 and rows[1].where == "d/a.xlsx sheet 'S2'" and rows[1].n == 2
 
 
 def test_malformed_jsonl_line(tmp_path: Path) -> None:
@@ -535,12 +535,16 @@ def test_new_data_keys_are_validated(tmp_path: Path) -> None:
             load_params(tmp_path / "params.yaml")
 
 
-def test_empty_required_cell_names_file_row_column(tmp_path: Path) -> None:
+def test_empty_required_cell_is_a_counted_loss_naming_file_row_column(tmp_path: Path) -> None:
+    # Partly-null rows follow one rule: left out and counted as incomplete, with their places (the
+    # stage's loss contract then decides); a row with every mapped cell empty is blank instead.
     wxlsx(
-        tmp_path / "e.xlsx", {"S": [["ID", "원문", "번역문"], ["1", "두통", "headache"], ["2", "기침", "  "]]}
+        tmp_path / "e.xlsx",
+        {"S": [["ID", "원문", "번역문"], ["1", "두통", "headache"], ["2", "기침", "  "], ["3", None, None]]},
     )
-    msg = error_of(read, tmp_path, one_source(tmp_path, "xlsx", "e.xlsx", "translation", T_FIELDS))
-    assert msg == "e.xlsx sheet 'S' row 3 (cell C3): empty required column '번역문'."
+    rows, sk = D.read_source(one_source(tmp_path, "xlsx", "e.xlsx", "translation", T_FIELDS), tmp_path, 50)
+    assert [r.n for r in rows] == [2] and (sk.incomplete, sk.blank, sk.non_text) == (1, 1, 0)
+    assert sk.places("incomplete") == "e.xlsx sheet 'S' row 3 (cell C3) column '번역문'"
     wjsonl(
         tmp_path / "i.jsonl",
         [
@@ -548,8 +552,8 @@ def test_empty_required_cell_names_file_row_column(tmp_path: Path) -> None:
             {"instruction": "c", "input": None, "output": None},
         ],
     )
-    msg = error_of(read, tmp_path, one_source(tmp_path, "jsonl", "i.jsonl", "instruction", I_FIELDS))
-    assert msg == "i.jsonl line 2: empty required column 'output'."
+    rows, sk = D.read_source(one_source(tmp_path, "jsonl", "i.jsonl", "instruction", I_FIELDS), tmp_path, 50)
+    assert len(rows) == 1 and sk.places("incomplete") == "i.jsonl line 2 column 'output'"
 
 
 def test_optional_fields_may_be_absent(tmp_path: Path) -> None:
@@ -738,7 +742,8 @@ def test_eval_mcq_accepts_a_list_of_sources(tmp_path: Path, smol_tokenizer: Any)
     assert len(b.files["eval/mcq.jsonl"]) == 6  # the two sources are de-duplicated together
     assert (b.metrics["eval.rows_in.letters"], b.metrics["eval.rows_in.numbers"]) == (6, 6)
     report = D.data_report(make_params(tmp_path, mcq=lists), b)
-    assert "| mcq | letters | 6 | 6 |" in report and "| mcq | numbers | 6 | 0 |" in report
+    assert "| mcq | letters | 6 | 0 | 0 | 0 | 6 |" in report
+    assert "| mcq | numbers | 6 | 0 | 0 | 0 | 0 |" in report
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match="source names must be unique"):
@@ -969,8 +974,13 @@ def test_overlong_drop(tmp_path: Path, smol_tokenizer: Any) -> None:
     recs = b.files["stage1/train.jsonl"] + b.files["stage1/val.jsonl"]
     m = b.metrics
     assert (m["stage1.dropped.overlong"], m["stage1.truncated"]) == (3, 0)
-    # The long-CoT record's answer would fit; the long answer and the huge question would not.
-    assert (m["stage1.dropped.overlong_cot"], m["stage1.dropped.overlong_answer"]) == (1, 2)
+    # The long-CoT record's answer would fit; the long answer would not, and the huge question alone
+    # takes the whole length (labelled as such, not as an answer that would be cut).
+    assert (
+        m["stage1.dropped.overlong_cot"],
+        m["stage1.dropped.overlong_answer"],
+        m["stage1.dropped.overlong_question"],
+    ) == (1, 1, 1)
     assert (m["stage1.cot_lost"], m["stage1.reasoning_records"], m["stage1.cot_lost_share"]) == (3, 4, 0.75)
     assert (m["stage1.records_lost.l"], m["stage1.loss_share.l"]) == (3, 0.75)
     assert len(recs) == 1 and recs[0]["n_tokens"] <= 160
@@ -1000,10 +1010,16 @@ def test_overlong_truncate_shortens_only_the_cot(tmp_path: Path, smol_tokenizer:
     }
     m = b.metrics
     # The long Korean answer would be cut and the huge prompt cannot fit: both dropped, never cut.
-    assert (m["stage1.truncated"], m["stage1.dropped.overlong"], m["stage1.dropped.overlong_answer"]) == (
+    assert (
+        m["stage1.truncated"],
+        m["stage1.dropped.overlong"],
+        m["stage1.dropped.overlong_answer"],
+        m["stage1.dropped.overlong_question"],
+    ) == (
         1,
         2,
-        2,
+        1,
+        1,
     )
     assert set(recs) == {"Short questi", "Long reasoni"}
     for r in recs.values():
@@ -1018,8 +1034,9 @@ def test_overlong_truncate_shortens_only_the_cot(tmp_path: Path, smol_tokenizer:
     )
     assert recs["Short questi"]["completion"] == D.render_completion(("step " * 10).strip(), "Short.", EOS)
     report = D.data_report(p, b)
-    assert "| l | reasoning | jsonl | 1 | 4 | 0 | 0 | 0 | 0 | 2 | 0 | 1 | 2 |" in report
-    assert "record over 160 tokens: the answer would be cut | 2 |" in report
+    assert "| l | reasoning | jsonl | 1 | 4 | 0 | 0 | 0 | 0 | 0 | 0 | 1 | 1 | 0 | 1 | 2 |" in report
+    assert "record over 160 tokens: the answer would be cut | 1 |" in report
+    assert "record over 160 tokens by the question alone | 1 |" in report
     assert "Reasoning records that lost their CoT to the length limit (dropped): 2 of 4 (50.0%)" in report
     kept = _cot_tokens(smol_tokenizer, long_cot) / _cot_tokens(
         smol_tokenizer, D.render_completion(("reasoning step " * 300).strip(), "", "")
@@ -1105,19 +1122,23 @@ def test_cot_loss_contract_fails_with_one_sentence(tmp_path: Path, smol_tokenize
         smol_tokenizer,
         tmp_path,
     )
+    # The same 3 records also break the source's loss contract (30 % > max_loss_share 0.2): one error names both.
     assert msg == (
-        "data.stage1: 3 of 10 reasoning records (30.0%) would lose their CoT at model.max_seq_length=160 (0 because "
-        "the answer would be cut, 3 because the CoT would be cut below data.min_cot_tokens=150 or "
-        "data.min_cot_keep_share=0.25), more than data.max_cot_loss_share=0.1; raise model.max_seq_length or "
-        "data.max_cot_loss_share, or lower data.min_cot_tokens or data.min_cot_keep_share."
+        "data.stage1: 2 problems: (1) data.stage1: 3 of 10 reasoning records (30.0%) would lose their CoT at "
+        "model.max_seq_length=160 (0 because the answer would be cut, 3 because the CoT would be cut below "
+        "data.min_cot_tokens=150 or data.min_cot_keep_share=0.25), more than data.max_cot_loss_share=0.1; raise "
+        "model.max_seq_length or data.max_cot_loss_share, or lower data.min_cot_tokens or "
+        "data.min_cot_keep_share; (2) data.stage1 source 'l': 3 of 10 records (30.0%) would be lost (3 records "
+        "over model.max_seq_length=160 whose CoT would be cut below data.min_cot_tokens=150 or "
+        "data.min_cot_keep_share=0.25), more than data.max_loss_share=0.2; raise model.max_seq_length, lower "
+        "data.min_cot_tokens or data.min_cot_keep_share, or raise data.max_loss_share."
     )
     msg = error_of(D.build_datasets, make_params(tmp_path, overlong="drop", **kw), smol_tokenizer, tmp_path)
-    assert msg.startswith(
-        "data.stage1: 3 of 10 reasoning records (30.0%) would lose their CoT"
-    ) and msg.endswith(
+    assert msg.startswith("data.stage1: 2 problems: (1) data.stage1: 3 of 10 reasoning records (30.0%) would")
+    assert (
         "because the CoT would be cut (data.overlong=drop)), more than data.max_cot_loss_share=0.1; raise "
-        "model.max_seq_length or data.max_cot_loss_share, or set data.overlong=truncate."
-    )
+        "model.max_seq_length or data.max_cot_loss_share, or set data.overlong=truncate; (2) "
+    ) in msg
     b = D.build_datasets(
         make_params(tmp_path, overlong="drop", max_cot_loss_share=0.3, max_loss_share=0.3, **kw),
         smol_tokenizer,

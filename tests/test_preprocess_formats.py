@@ -276,9 +276,9 @@ def test_long_records_keep_their_answer_and_some_cot(workdir: dict[str, Any]) ->
     ) == (1, 1, 2)
     assert (m["stage1.cot_lost"], m["stage1.reasoning_records"]) == (2, 29)
     report = (wd / "reports/data_report.md").read_text(encoding="utf-8")
-    assert "| med_array | reasoning | json | 1 | 11 | 0 | 0 | 0 | 0 | 0 | 0 | 1 | 11 |" in report
-    assert "| med_object | reasoning | json | 1 | 9 | 0 | 0 | 0 | 0 | 0 | 1 | 0 | 8 |" in report
-    assert "| med_misnamed | reasoning | jsonl | 1 | 9 | 0 | 0 | 0 | 0 | 1 | 0 | 0 | 8 |" in report
+    assert "| med_array | reasoning | json | 1 | 11 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 1 | 11 |" in report
+    assert "| med_object | reasoning | json | 1 | 9 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 1 | 0 | 8 |" in report
+    assert "| med_misnamed | reasoning | jsonl | 1 | 9 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 1 | 0 | 0 | 8 |" in report
     assert f"| record over {MAX_LEN} tokens: the answer would be cut | 1 |" in report
     assert "Reasoning records that lost their CoT to the length limit (dropped): 2 of 29 (6.9%)" in report
     assert re.search(
