@@ -124,6 +124,16 @@ retain)  # stage 2's start per init and base form (bench/RESULTS.md, "Stage 2's 
     done
   done
   ;;
+serve7b)  # `make serve` on the GPU: a random-weight 7B as f16 and q4_k_m GGUFs, bench/bench_serve.py on each
+  W=$B/s7b; rm -rf "$B"/r* "$W"
+  $PY bench/gpu_pipeline.py prepare --shape 7b --work "$W" --assets .gpu_carry --steps 1 --base-form bf16 | tee -a "$OUT/serve7b.jsonl"
+  for i in $(seq 120); do [ -f "$B/lcp-build.rc" ] && break; sleep 5; done; cat "$B/lcp-build.rc"; tail -3 "$B/lcp-build.log"
+  $PY -c "from pathlib import Path; from kmed.ggufio import convert_f16, quantize; w = Path('$W'); convert_f16(w / 'models/base', w / 'f16.gguf'); quantize(w / 'f16.gguf', w / 'q4_k_m.gguf', 'q4_k_m', 16)"
+  for q in q4_k_m f16; do
+    timeout "${SERVE_TIMEOUT:-150}" $PY bench/bench_serve.py --gguf "$W/$q.gguf" --clients "${CLIENTS:-4}" --requests "${REQUESTS:-3}" \
+      --single 2 --max-tokens "${MAX_TOKENS:-128}" --label "7B $q random weights, $(head -1 "$OUT/gpu.txt")" --out "$OUT/serve7b.jsonl"
+  done
+  ;;
 nf4check)  # bitsandbytes' CPU NF4 round trip (the 135M table's) against its CUDA path, bit for bit
   $PY bench/stage2_start.py nf4check | tee "$OUT/nf4check.json"
   ;;

@@ -169,3 +169,46 @@ def test_every_stage_depends_on_the_kmed_code_it_runs() -> None:
                 todo.append(root / dep)
         missing = needed - set(st["deps"])
         assert not missing, f"{name}: dvc.yaml deps lack {sorted(missing)}"
+
+
+# The seed (the team's design note, ../shared/seed/000_d7a4ffc09075655b.txt in the steering repo): its get_peft_model
+# and TrainingArguments, transcribed value for value. recipes/DEVIATIONS.md lists every recipe value that differs,
+# with its reason; this test keeps the two true to each other.
+SEED = {
+    "lora.r": 16, "lora.lora_alpha": 16, "lora.lora_dropout": 0.0,
+    "lora.target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "lora.bias": "none", "lora.use_gradient_checkpointing": "unsloth", "lora.random_state": 3407,
+    "lora.use_rslora": False, "lora.loftq_config": None,
+    "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 4, "train.warmup_steps": 5,
+    "train.max_steps": 60, "train.learning_rate": 2e-4, "train.bf16": True, "train.logging_steps": 10,
+    "train.optim": "adamw_torch", "train.weight_decay": 0.01, "train.lr_scheduler_type": "linear", "train.seed": 3407,
+    "model.base": "unsloth/DeepSeek-R1-Distill-Qwen-32B-unsloth-bnb-4bit", "model.load_in_4bit": True,
+    "sft_stage2.init": "merge_then_new_adapter", "data.think_for_non_reasoning": "empty", "data.stage2_replay": 0.0,
+}
+
+
+def _deviations() -> dict[str, str]:
+    """The keys recipes/DEVIATIONS.md's table names, with the value it says the recipe has."""
+    rows = {}
+    for line in (ROOT / "recipes/DEVIATIONS.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) >= 4:
+            rows[cells[0].strip("`")] = cells[2].strip("`")
+    return rows
+
+
+def test_the_recipe_is_the_seed_but_for_the_listed_deviations() -> None:
+    p = load_params(ROOT / "recipes/r1-32b-medical-ko.yaml")
+    listed = _deviations()
+    differs = {}
+    for key, seed in SEED.items():
+        section, name = key.split(".")
+        value = getattr(getattr(p, section), name)
+        value = tuple(value) if isinstance(value, list | tuple) else value
+        if key == "train.bf16":  # `auto` resolves to bf16 on every card the recipe targets (the stage logs it)
+            value = True if value == "auto" else value
+        if value != seed:
+            differs[key] = value
+    assert set(differs) == set(listed), "recipes/DEVIATIONS.md must list exactly the recipe's deviations from the seed"
+    for key, value in differs.items():
+        assert listed[key] == str(value), f"{key}: DEVIATIONS.md says {listed[key]!r}, the recipe has {value!r}"

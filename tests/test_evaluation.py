@@ -136,3 +136,19 @@ def test_stratified_sample_is_seeded_proportional_and_in_file_order() -> None:
     assert pos == sorted(pos)  # file order kept
     assert stratified_sample(items, None, seed=3407) == items
     assert stratified_sample(items, 500, seed=3407) == items
+
+
+def test_an_empty_think_is_well_formed_but_not_reasoning() -> None:
+    """Issue 39: on a prompt that calls for reasoning, format_ok needs `min_think_tokens` inside <think>."""
+    empty = "<think>\n\n</think>\nAnswer: B"
+    short = "<think>\nfever so flu\n</think>\nAnswer: B"
+    long = "<think>\n" + " ".join(["step"] * 20) + "\n</think>\nAnswer: B"
+    assert check_format(empty)["ok"] and check_format(empty)["wellformed"]  # translation prompts: today's rule
+    r = check_format(empty, min_think_tokens=16)
+    assert (r["ok"], r["wellformed"], r["reasoned"], r["think_tokens"]) == (False, True, False, 0)
+    assert check_format(short, 16)["think_tokens"] == 3 and not check_format(short, 16)["ok"]
+    assert check_format(long, 16)["ok"] and check_format(long, 16)["reasoned"]
+    # the bar counts tokens of the tokenizer it is given (here: characters)
+    assert check_format(short, 10, count=len)["think_tokens"] == len("fever so flu") and check_format(short, 10, len)["ok"]
+    # reasoning inside a malformed answer is not a pass either
+    assert not check_format("<think>\n" + " ".join(["x"] * 30) + "\n</think>\n", 16)["reasoned"]

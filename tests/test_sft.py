@@ -305,3 +305,58 @@ def test_checkpoint_fingerprint_covers_the_training_code(tmp_path: Path, caplog:
         assert mod.newest_complete_checkpoint(ckdir, fp_sft) is None
     assert f"checkpoints in {ckdir} belong to another config or code version; starting fresh" in caplog.text
     assert not ckdir.exists()
+
+
+@pytest.mark.integration
+def test_stage2_new_adapter_on_stage1_starts_where_stage1_ended(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Issue 34: stage 1's LoRA is the frozen ranks [0, r) of stage 2's; the new ranks train; the start is stage 1's
+    model (stage1_retained 1); merge@stage2 folds both into the base."""
+    wd = _workdir(tmp_path, tiny_model_dir, **{"train.max_steps": 6, "sft_stage2.init": "new_adapter_on_stage1"})
+    run_stage(wd, "stages.sft", "stage1")
+    s1 = read_json(wd / "metrics/sft-stage1.json")
+    assert s1["val_loss_start"] - s1["val_loss_final"] > 0.05  # a gain worth keeping
+    write_params(wd, **{**FAST, "train.max_steps": 3, "sft_stage2.init": "new_adapter_on_stage1"})
+    proc = run_stage(wd, "stages.sft", "stage2")
+    m = read_json(wd / "metrics/sft-stage2.json")
+    assert m["stage1_val_loss_at_start"] == pytest.approx(s1["val_loss_final"], abs=1e-4)
+    assert m["stage1_retained"] == pytest.approx(1.0, abs=2e-3)
+    assert "of its gain kept" in proc.stderr
+    one, two = _lora_tensors(wd / "models/stage1/adapter"), _lora_tensors(wd / "models/stage2/adapter")
+    assert set(one) == set(two)
+    cfg = read_json(wd / "models/stage2/adapter/adapter_config.json")
+    assert (cfg["r"], cfg["lora_alpha"]) == (32, 32)  # scaling alpha/r unchanged: 16/16 == 32/32
+    trained = 0.0
+    for k, a in one.items():
+        b = two[k]
+        if ".lora_A." in k:
+            assert b.shape == (32, a.shape[1]) and torch_equal(b[:16], a)  # frozen: bit for bit stage 1's
+            trained += float(b[16:].abs().sum() > 0)  # new A ranks: random init, then trained
+        else:
+            assert b.shape == (a.shape[0], 32) and torch_equal(b[:, :16], a)
+            trained += float(b[:, 16:].abs().sum() > 0)  # new B ranks start at zero: non-zero = trained
+    assert trained == len(one)
+    lineage = read_json(wd / "models/stage2/adapter/lineage.json")
+    assert lineage["start"] == "models/base" and "frozen" in lineage["notes"]["stacked_on"]
+    run_stage(wd, "stages.merge", "stage2")  # its probe checks every merged module against base + the rank-32 LoRA
+    assert read_json(wd / "metrics/merge-stage2.json")["probe_max_rel_err"] < 0.01
+
+
+@pytest.mark.integration
+def test_stage2_that_starts_without_stage1_fails_before_training(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A start that lost stage 1 (here: the bare base) fails with one sentence naming the init and the fix."""
+    wd = _workdir(tmp_path, tiny_model_dir, **{"train.max_steps": 6})
+    run_stage(wd, "stages.sft", "stage1")
+    write_params(wd, **{**FAST, "train.max_steps": 2, "sft_stage2.init": "base"})
+    proc = run_stage(wd, "stages.sft", "stage2", check=False)
+    assert proc.returncode == 2
+    err = [line for line in proc.stderr.splitlines() if line.startswith("ERROR: ")]
+    assert len(err) == 1 and "kept" in err[0] and "sft_stage2.min_stage1_retained=0.9" in err[0]
+    assert "new_adapter_on_stage1" in err[0] and "Traceback" not in proc.stderr
+    assert not (wd / "models/stage2/adapter").exists() and not (wd / "metrics/sft-stage2.json").exists()
+    assert not (wd / "models/checkpoints/stage2").exists() or not list((wd / "models/checkpoints/stage2").glob("checkpoint-*"))
+
+
+def torch_equal(a, b) -> bool:  # noqa: ANN001
+    import torch
+
+    return bool(torch.equal(a.float(), b.float()))
