@@ -1383,3 +1383,51 @@ def test_real_params_sample_sources_resolve() -> None:
     for s in (*p.data.stage1.sources, *p.data.stage2.sources, p.data.eval.mcq, p.data.eval.koen):
         if s.kind != "hf" and os.path.exists(root / "data/samples"):
             assert D.resolve_source_files(s, root), s.name
+
+
+def test_masked_empty_think_is_input_not_target(tmp_path: Path, smol_tokenizer: Any) -> None:
+    """think_for_non_reasoning: masked keeps the token sequence of `empty` but moves the empty block into the
+    masked prompt, so stage 2 is not trained to leave <think> empty (issue 39); reasoning records keep theirs."""
+    from kmed.lm import IGNORE, encode_records
+
+    rows = [{"instruction": f"질문 {i}에 답하세요.", "input": "", "output": f"답 {i}."} for i in range(6)]
+    wjsonl(tmp_path / "i.jsonl", rows)
+    stage2 = [src("i", "jsonl", "i.jsonl", "instruction", I_FIELDS)]
+    out = {}
+    for mode in ("empty", "masked"):
+        p = make_params(tmp_path, stage2=stage2, think_for_non_reasoning=mode)
+        f = D.build_datasets(p, smol_tokenizer, tmp_path).files
+        out[mode] = sorted(f["stage2/train.jsonl"] + f["stage2/val.jsonl"], key=lambda r: r["id"])
+        assert all("<think>\n" in r["completion"] for r in f["stage1/train.jsonl"] + f["stage1/val.jsonl"])
+    for e, m in zip(out["empty"], out["masked"], strict=True):
+        assert e["prompt"] + e["completion"] == m["prompt"] + m["completion"]  # the same text the model reads
+        assert m["prompt"].endswith("### Response:\n<think>\n\n</think>\n") and "<think>" not in m["completion"]
+        assert m["completion"].endswith(EOS)
+        enc = encode_records(smol_tokenizer, [m], 384)[0]
+        trained = [t for t, lab in zip(enc["input_ids"], enc["labels"], strict=True) if lab != IGNORE]
+        assert "think" not in smol_tokenizer.decode(trained)
+
+
+def test_stage2_replay_draws_from_stage1_train_only(tmp_path: Path, smol_tokenizer: Any) -> None:
+    """data.stage2_replay: stage-1 *training* records make up that share of stage 2's train split; never a val
+    record, so nothing held out leaks; seeded, so a rerun draws the same ones."""
+    wjsonl(tmp_path / "s1.jsonl", reasoning_rows(40))
+    stage1 = [src("s1", "jsonl", "s1.jsonl", "reasoning", R_FIELDS)]
+    rows = [{"instruction": f"질문 {i}에 답하세요.", "input": "", "output": f"답 {i}."} for i in range(30)]
+    wjsonl(tmp_path / "i.jsonl", rows)
+    stage2 = [src("i", "jsonl", "i.jsonl", "instruction", I_FIELDS)]
+    base = D.build_datasets(make_params(tmp_path, stage1=stage1, stage2=stage2), smol_tokenizer, tmp_path)
+    p = make_params(tmp_path, stage1=stage1, stage2=stage2, stage2_replay=0.25)
+    b = D.build_datasets(p, smol_tokenizer, tmp_path)
+    own = base.files["stage2/train.jsonl"]
+    train2 = b.files["stage2/train.jsonl"]
+    replayed = [r for r in train2 if r.get("replay")]
+    assert train2[: len(own)] == own and len(replayed) == len(train2) - len(own)
+    assert len(replayed) == round(0.25 * len(own) / 0.75) and b.metrics["stage2.replay_rows"] == len(replayed)
+    s1_train = {r["id"] for r in b.files["stage1/train.jsonl"]}
+    s1_val = {r["id"] for r in b.files["stage1/val.jsonl"]}
+    assert {r["id"] for r in replayed} <= s1_train and not {r["id"] for r in replayed} & s1_val
+    assert all(r["task"] == "reasoning" and "<think>\n\n</think>" not in r["completion"] for r in replayed)
+    assert b.files["stage2/val.jsonl"] == base.files["stage2/val.jsonl"]  # val2 stays stage 2's own
+    again = D.build_datasets(p, smol_tokenizer, tmp_path).files["stage2/train.jsonl"]
+    assert again == train2
