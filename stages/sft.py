@@ -301,7 +301,10 @@ class FrozenStage1:
     exactly stage 1's, whatever the base's precision (no re-quantized merge). Gradient hooks zero the frozen
     ranks' gradients (they take no part in clipping and Adam's moments stay zero there); `restore` writes
     their values back after every optimizer step (AdamW's decoupled weight decay shrinks every parameter).
-    One PEFT adapter of rank 2r, not two adapters: Unsloth's fused LoRA kernels take one active adapter."""
+    One PEFT adapter of rank 2r, not two adapters: Unsloth's fused LoRA kernels take one active adapter. The
+    frozen ranks still get (zeroed) gradients and Adam states: +16 bytes per stage-1 LoRA parameter on the GPU
+    (0.78 GiB measured at 7B; ~2.2 GB at 32B, which a 24 GB card running the seed's adamw_torch does not have:
+    the recipe uses continue_adapter there, recipes/DEVIATIONS.md)."""
 
     def __init__(self, model: Any, adapter: Path, r: int) -> None:
         import torch
@@ -323,7 +326,8 @@ class FrozenStage1:
             with torch.no_grad():
                 p[part].copy_(w.to(p.dtype))
             p.register_hook(lambda g, part=part: _zero_part(g, part))
-            self.frozen.append((p, part, p[part].detach().clone()))
+            # kept in host memory: 0.5 GB at 32B that the GPU does not have to hold (copied back once a step)
+            self.frozen.append((p, part, p[part].detach().to("cpu", copy=True)))
         if not self.frozen:
             raise StageError(f"{adapter}: no LoRA weights found.")
 
@@ -336,7 +340,7 @@ class FrozenStage1:
 
     def drift(self) -> float:
         """Largest change of a frozen weight since stage 1 (0.0 after `restore`)."""
-        return max(float((p[part].detach() - v).abs().max()) for p, part, v in self.frozen)
+        return max(float((p[part].detach().cpu() - v).abs().max()) for p, part, v in self.frozen)
 
     def frozen_numel(self) -> int:
         return sum(v.numel() for _, _, v in self.frozen)
@@ -383,7 +387,7 @@ def stage1_retention(model: Any, tok: Any, params: Params, max_len: int) -> dict
             f"(val1 loss {m['stage1_val_loss_at_start']:.4f}; stage 1 went {s:.4f} -> {f:.4f}), under "
             f"sft_stage2.min_stage1_retained={need:g}: with sft_stage2.init={params.sft_stage2.init} and "
             f"model.load_in_4bit={params.model.load_in_4bit} stage 1 is lost; set sft_stage2.init: "
-            "new_adapter_on_stage1 (bench/RESULTS.md, stage 2's start)."
+            "new_adapter_on_stage1 or continue_adapter (bench/RESULTS.md, stage 2's start)."
         )
     return m
 
@@ -573,7 +577,7 @@ def main() -> None:
         # Measured at 7B (bench/RESULTS.md, stage 2's start): stage 2's val loss started at the base's 12.55, not
         # stage 1's 9.58, because a stage-1 delta under half an NF4 step rounds back to the base's code.
         log.warning("sft %s: %s (stage 1 merged) is loaded back in 4-bit; LoRA deltas smaller than an NF4 step "
-                    "round back to the base. sft_%s.init: new_adapter_on_stage1 keeps stage 1 exact "
+                    "round back to the base. sft_%s.init: continue_adapter or new_adapter_on_stage1 keeps stage 1 exact "
                     "(bench/RESULTS.md); stage1_retained below measures it.", stage, start, stage)
     stacked = scfg.init == "new_adapter_on_stage1"
 
