@@ -85,8 +85,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    """Poll `url` until it answers 200; fail early if the server process died."""
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60, headers: dict[str, str] | None = None) -> None:
+    """Poll `url` (with `headers`) until it answers 200; fail early if the server process died."""
     import time
     import urllib.request
 
@@ -95,7 +95,7 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
         if proc.poll() is not None:
             raise AssertionError(f"server exited with {proc.returncode} before {url} answered")
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:

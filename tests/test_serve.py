@@ -18,7 +18,6 @@ import copy
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -133,20 +132,7 @@ def start_server(gguf: Path, log: Path, *args: str, **env: str) -> tuple[subproc
 
 
 def wait_authorized(url: str, proc: subprocess.Popen, key: str, timeout: float = 120) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited with {proc.returncode}"
-        try:
-            req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
-            with urllib.request.urlopen(req, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer within {timeout}s")
+    wait_http(url, proc, timeout, headers={"Authorization": f"Bearer {key}"})
 
 
 @pytest.fixture(scope="module")
