@@ -158,8 +158,9 @@ def test_sft_gpu_estimate_is_within_10_percent_of_the_measured_peak(
 
 
 def test_gpu_branch_on_a_24_gb_card(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CUDA path without a GPU here: the recipe (32B, 4-bit, 2048x2, 8-bit AdamW) fits a 24 GB card with
-    the default headroom, a 16 GB card is refused naming the GPU and the batch knob."""
+    """The CUDA path without a GPU here: the recipe (32B, 4-bit, 2048x2, the seed's adamw_torch) fits an idle 24 GB
+    card with the recipe's headroom (1.05; 1.1 would refuse it), a 16 GB card is refused naming the GPU and the
+    batch knob."""
     root = _root(tmp_path, QWEN_32B, "recipes/r1-32b-medical-ko.yaml")
     params = load_params(root / "params.yaml")
     monkeypatch.setattr(doctor, "cuda_available", lambda: True)
@@ -168,6 +169,7 @@ def test_gpu_branch_on_a_24_gb_card(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     vram = _need(estimate("sft-stage1", params, root), "VRAM")
     assert vram.where == "cuda:0" and vram.need == doctor.sft_gpu_bytes(Arch.from_config(QWEN_32B), params)
     assert vram.short_by(params.doctor.headroom) == 0 and 21 < vram.need / 2**30 < 22
+    assert vram.short_by(1.1) > 0  # why the recipe sets 1.05: the measured 22.3 GiB reserved fits, 1.1 x 21.8 does not
     ram = _need(estimate("sft-stage1", params, root), "RAM").need
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two DDP ranks on this host share its RAM
     assert _need(estimate("sft-stage1", params, root), "RAM").need == 2 * ram
@@ -234,7 +236,7 @@ def test_evaluate_on_an_8_gb_card_is_refused_naming_the_gpu(
     msg = str(e.value)
     assert re.match(
         r"^evaluate needs 2\d\.\d GB free GPU memory on cuda:0 but 8\.6 GB is free \(1\d\.\d GB short\) "
-        r"\(estimates × doctor\.headroom 1\.1\); lower evaluate\.batch_size, or set doctor\.mode: warn",
+        r"\(estimates × doctor\.headroom 1\.05\); lower evaluate\.batch_size, or set doctor\.mode: warn",
         msg,
     ), msg
     assert msg.endswith(".") and msg.count(". ") == 0 and "\n" not in msg
